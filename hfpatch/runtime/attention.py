@@ -1,0 +1,346 @@
+"""Local (single-rank) attention over packed sequences, with pluggable kernels.
+
+Layout is flash-attn's: q ``[T, H, D]``, k/v ``[T_k, H_kv, D]`` with T the total
+tokens of the pack and ``cu_seqlens`` its int32 segment boundaries. Backends:
+
+``flash_attn``    flash-attn 2 ``flash_attn_varlen_func`` (CUDA, fp16/bf16)
+``torch_varlen``  ``torch.nn.attention.varlen.varlen_attn`` (CUDA, torch >= 2.10)
+``fa4``           flash-attn 4 ``flash_attn.cute`` (CUDA; only when asked for)
+``reference``     SDPA once per segment: any device, any dtype, autograd
+
+``auto`` (the default, or ``HFPATCH_ATTN_BACKEND``) picks the first of flash_attn,
+torch_varlen that can run the call, else reference. ``window_size=(left, right)``
+follows flash-attn: query i sees keys j with i-left <= j <= i+right, -1 = unbounded,
+and ``causal`` forces right = 0; q and k are aligned at the bottom right.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import math
+import os
+import weakref
+from collections import deque
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("flash_attn", "torch_varlen", "fa4", "reference")
+ENV_VAR = "HFPATCH_ATTN_BACKEND"
+_FLASH_DTYPES = (torch.float16, torch.bfloat16)
+
+
+class AttentionBackendError(RuntimeError):
+    """A requested attention backend cannot run here."""
+
+
+# -- input validation ------------------------------------------------------------------
+
+# cu_seqlens is the same tensor for every layer of a step: check it (a device sync)
+# once. A weakref, not id(), so a new tensor at a reused address is checked again.
+_validated: deque = deque(maxlen=16)
+
+
+def validate_cu_seqlens(
+    cu_seqlens: torch.Tensor, total: int, max_seqlen: int | None = None, name: str = "cu_seqlens"
+) -> list[int]:
+    """Check ``cu_seqlens`` against a pack of ``total`` tokens; return it as a list."""
+    if not torch.is_tensor(cu_seqlens):
+        raise TypeError(
+            f"{name} must be a torch.Tensor of dtype torch.int32, got {type(cu_seqlens).__name__}"
+        )
+    if cu_seqlens.dtype != torch.int32:
+        raise TypeError(f"{name} must have dtype torch.int32, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"{name} must be 1-D with at least 2 entries, got shape {tuple(cu_seqlens.shape)}")
+    try:
+        key = (cu_seqlens._version, total, max_seqlen)
+    except RuntimeError:  # inference tensors have no version counter: no caching
+        key = None
+    for ref, checked, values in _validated:
+        if key is not None and ref() is cu_seqlens and checked == key:
+            return values
+    values = cu_seqlens.tolist()
+    if values[0] != 0:
+        raise ValueError(f"{name} must start at 0, got {values[0]}")
+    lengths = [b - a for a, b in zip(values, values[1:])]
+    if min(lengths) < 0:
+        bad = next(i for i, n in enumerate(lengths) if n < 0)
+        raise ValueError(
+            f"{name} must be non-decreasing, but {name}[{bad + 1}]={values[bad + 1]} "
+            f"< {name}[{bad}]={values[bad]}"
+        )
+    if values[-1] != total:
+        raise ValueError(
+            f"{name} ends at {values[-1]} but the pack has {total} tokens; cu_seqlens "
+            f"must be the GLOBAL boundaries covering the whole pack"
+        )
+    if max_seqlen is not None and int(max_seqlen) < max(lengths):
+        raise ValueError(
+            f"max_seqlen={max_seqlen} for {name} is smaller than its longest segment ({max(lengths)})"
+        )
+    if key is not None:
+        _validated.append((weakref.ref(cu_seqlens), key, values))
+    return values
+
+
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, token_dims: int) -> None:
+    want = token_dims + 2
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != want:
+            raise ValueError(f"{name} must have {want} dims, got shape {tuple(t.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+    h, hkv = q.shape[-2], k.shape[-2]
+    if hkv == 0 or h % hkv:
+        raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({hkv})")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q head dim {q.shape[-1]} differs from k head dim {k.shape[-1]}")
+
+
+def _window(window_size, causal: bool) -> tuple[int, int]:
+    left, right = (int(x) for x in (window_size if window_size is not None else (-1, -1)))
+    return left, (0 if causal else right)
+
+
+# -- backend discovery -----------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _load(name: str) -> tuple[Callable | None, Callable | None, str | None]:
+    """(varlen fn, dense fn or None, reason it is missing or None)."""
+    try:
+        if name == "flash_attn":
+            mod = importlib.import_module("flash_attn")
+            return mod.flash_attn_varlen_func, mod.flash_attn_func, None
+        if name == "torch_varlen":
+            mod = importlib.import_module("torch.nn.attention.varlen")
+            return mod.varlen_attn, None, None
+        if name == "fa4":
+            mod = importlib.import_module("flash_attn.cute")
+            return mod.flash_attn_varlen_func, None, None
+    except (ImportError, AttributeError) as exc:
+        return None, None, f"{type(exc).__name__}: {exc}"
+    return None, None, None  # reference
+
+
+_MISSING_HINT = {
+    "flash_attn": "flash-attn 2 is not importable",
+    "torch_varlen": f"torch {torch.__version__} has no torch.nn.attention.varlen.varlen_attn (needs torch >= 2.10)",
+    "fa4": "flash-attn 4 (flash_attn.cute) is not importable",
+}
+
+
+def backend_unavailable_reason(name: str) -> str | None:
+    """Why ``name`` cannot be used in this environment, or None if it can."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)} or 'auto'")
+    if name == "reference":
+        return None
+    reason = _load(name)[2]
+    return None if reason is None else f"{_MISSING_HINT[name]} ({reason})"
+
+
+def available_backends() -> list[str]:
+    return [b for b in BACKENDS if backend_unavailable_reason(b) is None]
+
+
+def _device_problem(name: str, q: torch.Tensor, dropout_p: float, window: tuple[int, int]) -> str | None:
+    """Why backend ``name`` cannot run this particular call, or None."""
+    if name == "reference":
+        return None
+    if q.device.type != "cuda" or q.dtype not in _FLASH_DTYPES:
+        return f"it needs CUDA tensors in float16/bfloat16, got {q.device.type} {q.dtype}"
+    if name == "torch_varlen":
+        params = inspect.signature(_load(name)[0]).parameters
+        if dropout_p > 0:
+            return "torch varlen_attn has no dropout"
+        if window[0] >= 0 or window[1] > 0:
+            if "window_size" not in params:
+                return f"torch {torch.__version__} varlen_attn has no window_size"
+    return None
+
+
+def resolve_backend(
+    requested: str | None, q: torch.Tensor, dropout_p: float = 0.0, window: tuple[int, int] = (-1, -1)
+) -> str:
+    """The backend that will run this call: argument, else env var, else auto."""
+    source = "argument"
+    if requested is None:
+        requested, source = os.environ.get(ENV_VAR) or "auto", ENV_VAR
+    requested = requested.strip().lower()
+    if requested == "auto":
+        for name in ("flash_attn", "torch_varlen"):
+            if backend_unavailable_reason(name) is None and _device_problem(name, q, dropout_p, window) is None:
+                return name
+        return "reference"
+    reason = backend_unavailable_reason(requested)
+    if reason is None:
+        reason = _device_problem(requested, q, dropout_p, window)
+    if reason is not None:
+        raise AttentionBackendError(
+            f"attention backend {requested!r} was requested ({source}) but cannot run: {reason}"
+        )
+    return requested
+
+
+# -- kernels ---------------------------------------------------------------------------
+
+
+def _mask(lq: int, lk: int, window: tuple[int, int], device) -> torch.Tensor | None:
+    """Boolean [lq, lk] keep-mask, or None when nothing is masked."""
+    left, right = window
+    if left < 0 and right < 0:
+        return None
+    i = torch.arange(lq, device=device).unsqueeze(1) + (lk - lq)
+    j = torch.arange(lk, device=device).unsqueeze(0)
+    keep = torch.ones(lq, lk, dtype=torch.bool, device=device)
+    if right >= 0:
+        keep &= j <= i + right
+    if left >= 0:
+        keep &= j >= i - left
+    return keep
+
+
+def _sdpa(q, k, v, window, scale, dropout_p):
+    """q [B, Lq, H, D], k/v [B, Lk, Hkv, D] -> [B, Lq, H, D]."""
+    lq, lk = q.shape[1], k.shape[1]
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    gqa = q.shape[1] != k.shape[1]
+    if lq == lk and window == (-1, 0):
+        out = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale, enable_gqa=gqa
+        )
+    else:
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=_mask(lq, lk, window, q.device), dropout_p=dropout_p,
+            scale=scale, enable_gqa=gqa,
+        )
+    return out.transpose(1, 2)
+
+
+def _reference_varlen(q, k, v, cu_q, cu_k, window, scale, dropout_p):
+    outs = []
+    for (q0, q1), (k0, k1) in zip(zip(cu_q, cu_q[1:]), zip(cu_k, cu_k[1:])):
+        if q1 == q0:
+            continue
+        if k1 == k0:  # nothing to attend to: zeros, as flash-attn returns
+            outs.append(q.new_zeros(q1 - q0, q.shape[1], v.shape[2]))
+            continue
+        seg = _sdpa(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], window, scale, dropout_p)
+        outs.append(seg[0])
+    return torch.cat(outs, 0) if outs else q.new_zeros(0, q.shape[1], v.shape[2])
+
+
+def _repeat_kv(k, v, heads):
+    rep = heads // k.shape[-2]
+    if rep == 1:
+        return k, v
+    return k.repeat_interleave(rep, dim=-2), v.repeat_interleave(rep, dim=-2)
+
+
+def _torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, window, scale):
+    fn = _load("torch_varlen")[0]
+    params = inspect.signature(fn).parameters
+    kwargs = {"scale": scale}
+    if "enable_gqa" in params:
+        kwargs["enable_gqa"] = q.shape[1] != k.shape[1]
+    else:
+        k, v = _repeat_kv(k, v, q.shape[1])
+    if "window_size" in params:
+        kwargs["window_size"] = window  # torch 2.11+: causal is exactly (-1, 0)
+    if "is_causal" in params:
+        kwargs["is_causal"] = window == (-1, 0)
+    out = fn(q, k, v, cu_q, cu_k, int(max_q), int(max_k), **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _fa4(q, k, v, cu_q, cu_k, max_q, max_k, causal, window, scale):
+    fn = _load("fa4")[0]
+    params = inspect.signature(fn).parameters
+    kwargs = {"cu_seqlens_q": cu_q, "cu_seqlens_k": cu_k, "softmax_scale": scale, "causal": causal}
+    for key, value in (("max_seqlen_q", int(max_q)), ("max_seqlen_k", int(max_k))):
+        if key in params:
+            kwargs[key] = value
+    if window != (-1, -1) and not (causal and window[0] < 0):
+        left, right = (None if w < 0 else w for w in window)  # FA4 spells "unbounded" None
+        if "window_size" in params:
+            kwargs["window_size"] = (left, right)
+        else:
+            kwargs["window_size_left"], kwargs["window_size_right"] = left, right
+    out = fn(q, k, v, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    dropout_p: float = 0.0,
+    window_size: tuple[int, int] = (-1, -1),
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Attention within each segment of a pack: q [T, H, D] -> [T, H, D]."""
+    _check_qkv(q, k, v, token_dims=1)
+    window = _window(window_size, causal)
+    cu_q = validate_cu_seqlens(cu_seqlens_q, q.shape[0], max_seqlen_q, "cu_seqlens_q")
+    cu_k = validate_cu_seqlens(cu_seqlens_k, k.shape[0], max_seqlen_k, "cu_seqlens_k")
+    if len(cu_q) != len(cu_k):
+        raise ValueError(f"cu_seqlens_q has {len(cu_q)} entries but cu_seqlens_k has {len(cu_k)}")
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    name = resolve_backend(backend, q, dropout_p, window)
+    if name == "reference":
+        return _reference_varlen(q, k, v, cu_q, cu_k, window, scale, dropout_p)
+    # GPU kernels read the boundaries on the device; a CPU copy is a common slip.
+    cu_seqlens_q = cu_seqlens_q.to(q.device, non_blocking=True)
+    cu_seqlens_k = cu_seqlens_k.to(q.device, non_blocking=True)
+    if name == "flash_attn":
+        return _load(name)[0](
+            q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
+            dropout_p=dropout_p, softmax_scale=scale, causal=causal, window_size=window,
+        )
+    if name == "torch_varlen":
+        return _torch_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window, scale)
+    return _fa4(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, window, scale)
+
+
+def dense_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    dropout_p: float = 0.0,
+    window_size: tuple[int, int] = (-1, -1),
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Batched attention, every row one sequence: q [B, S, H, D] -> [B, S, H, D]."""
+    _check_qkv(q, k, v, token_dims=2)
+    window = _window(window_size, causal)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    name = resolve_backend(backend, q, dropout_p, window)
+    if name == "reference":
+        return _sdpa(q, k, v, window, scale, dropout_p)
+    if name == "flash_attn":
+        return _load(name)[1](q, k, v, dropout_p=dropout_p, softmax_scale=scale, causal=causal, window_size=window)
+    # Kernels without a dense entry point: the batch is a pack of equal segments.
+    b, sq, sk = q.shape[0], q.shape[1], k.shape[1]
+    cu_q = torch.arange(0, (b + 1) * sq, sq, dtype=torch.int32, device=q.device)
+    cu_k = cu_q if sk == sq else torch.arange(0, (b + 1) * sk, sk, dtype=torch.int32, device=q.device)
+    out = varlen_attention(
+        q.reshape(b * sq, *q.shape[2:]), k.reshape(b * sk, *k.shape[2:]), v.reshape(b * sk, *v.shape[2:]),
+        cu_q, cu_k, sq, sk, causal=causal, softmax_scale=scale, dropout_p=dropout_p,
+        window_size=window, backend=name,
+    )
+    return out.reshape(b, sq, *out.shape[1:])

@@ -1,0 +1,156 @@
+"""ISP (Intern Sequence Parallel) attention: the functions patched models call.
+
+Activations arrive sharded along the sequence (each rank of the TENSOR group holds a
+contiguous slice). An all-to-all turns ``[S/sp, H, D]`` into ``[S, H/sp, D]``, every
+rank runs attention for its heads over the full sequence with the GLOBAL
+cu_seqlens, and the inverse all-to-all restores the sequence sharding. With sp == 1
+(or no runtime) there is no communication at all.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .attention import dense_attention, varlen_attention
+from .context import ParallelMode, gpc
+
+
+def _all_to_all(x: torch.Tensor, group, world: int, scatter_dim: int, gather_dim: int) -> torch.Tensor:
+    shape = list(x.shape)
+    shape[scatter_dim : scatter_dim + 1] = [world, shape[scatter_dim] // world]
+    # Piece i (of the scattered dim) goes to rank i.
+    send = x.reshape(shape).movedim(scatter_dim, 0).contiguous()
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    # recv[i] came from rank i, whose slice comes i-th along the gathered dim.
+    recv = recv.movedim(0, gather_dim)
+    out_shape = list(recv.shape)
+    out_shape[gather_dim : gather_dim + 2] = [world * out_shape[gather_dim + 1]]
+    return recv.reshape(out_shape)
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, world, scatter_dim, gather_dim):
+        ctx.args = (group, world, gather_dim, scatter_dim)
+        return _all_to_all(x, group, world, scatter_dim, gather_dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # The inverse exchange routes every gradient back to the rank it came from.
+        return _all_to_all(grad, *ctx.args), None, None, None, None
+
+
+def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group=None) -> torch.Tensor:
+    """Differentiable all-to-all: split ``scatter_dim`` across ranks, concatenate
+    ``gather_dim`` in rank order. ``group`` defaults to the TENSOR (ISP) group."""
+    if group is None:
+        group = gpc.get_group(ParallelMode.TENSOR)
+    world = 1 if group is None else dist.get_world_size(group)
+    if world == 1:
+        return x
+    if x.shape[scatter_dim] % world:
+        raise ValueError(
+            f"dim {scatter_dim} of size {x.shape[scatter_dim]} is not divisible by the "
+            f"group size {world}"
+        )
+    return _AllToAll.apply(x, group, world, scatter_dim, gather_dim)
+
+
+def _split_heads_for_sp(q, k, v, sp: int, head_dim: int):
+    """Check head counts for sp and replicate kv heads when there are fewer than sp."""
+    heads, kv_heads = q.shape[head_dim], k.shape[head_dim]
+    if heads % sp:
+        raise ValueError(
+            f"query heads ({heads}) are not divisible by the sequence parallel size ({sp})"
+        )
+    if kv_heads % sp:
+        if sp % kv_heads:
+            raise ValueError(
+                f"key/value heads ({kv_heads}) must divide or be a multiple of the "
+                f"sequence parallel size ({sp})"
+            )
+        # Each rank needs the kv head its query heads use; autograd sums the replicas.
+        k = k.repeat_interleave(sp // kv_heads, dim=head_dim)
+        v = v.repeat_interleave(sp // kv_heads, dim=head_dim)
+    return k, v
+
+
+def _no_probs(return_attn_probs: bool) -> None:
+    if return_attn_probs:
+        raise NotImplementedError("return_attn_probs=True is not supported by hfpatch.runtime")
+
+
+def _sp_group():
+    sp = gpc.get_world_size(ParallelMode.TENSOR)
+    return sp, gpc.get_group(ParallelMode.TENSOR)
+
+
+def isp_flash_attn_varlen_func(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    attention_dropout: float = 0.0,
+    return_attn_probs: bool = False,
+    *,
+    window_size: tuple[int, int] = (-1, -1),
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Packed attention under ISP. q ``[1, S_local, H, D]`` (or ``[S_local, H, D]``),
+    k/v ``[1, S_local, H_kv, D]``; cu_seqlens are global over the full pack.
+
+    Without ISP a ``[B, S, ...]`` input is read as one pack of B*S tokens, as
+    InternEvo does; under ISP the pack must be a single row (B == 1)."""
+    _no_probs(return_attn_probs)
+    sp, group = _sp_group()
+    batch_shape = q.shape[:-3]
+    if q.dim() == 4:
+        if sp > 1 and (q.shape[0] != 1 or k.shape[0] != 1):
+            raise ValueError(f"ISP packed attention expects batch size 1, got q shape {tuple(q.shape)}")
+        q, k, v = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)
+    if sp > 1:
+        k, v = _split_heads_for_sp(q, k, v, sp, head_dim=1)
+        q, k, v = (all_to_all(t, scatter_dim=1, gather_dim=0, group=group) for t in (q, k, v))
+    out = varlen_attention(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+        causal=causal, softmax_scale=softmax_scale, dropout_p=attention_dropout,
+        window_size=window_size, backend=backend,
+    )
+    if sp > 1:
+        out = all_to_all(out, scatter_dim=0, gather_dim=1, group=group)
+    return out.reshape(*batch_shape, -1, *out.shape[1:]) if batch_shape else out
+
+
+def isp_flash_attn_func(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    attention_dropout: float = 0.0,
+    return_attn_probs: bool = False,
+    *,
+    window_size: tuple[int, int] = (-1, -1),
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Batched attention under ISP: q ``[B, S_local, H, D]``, k/v ``[B, S_local, H_kv, D]``;
+    every row is one sequence sharded along dim 1."""
+    _no_probs(return_attn_probs)
+    sp, group = _sp_group()
+    if sp > 1:
+        k, v = _split_heads_for_sp(q, k, v, sp, head_dim=2)
+        q, k, v = (all_to_all(t, scatter_dim=2, gather_dim=1, group=group) for t in (q, k, v))
+    out = dense_attention(
+        q, k, v, causal=causal, softmax_scale=softmax_scale, dropout_p=attention_dropout,
+        window_size=window_size, backend=backend,
+    )
+    if sp > 1:
+        out = all_to_all(out, scatter_dim=1, gather_dim=2, group=group)
+    return out

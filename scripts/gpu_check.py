@@ -1,0 +1,226 @@
+#!/usr/bin/env python
+"""Numerics check of hfpatch.runtime attention on a GPU machine; writes a JSON report.
+
+    python scripts/gpu_check.py --out docs/gpu_check.json
+        every fast varlen backend present (torch varlen_attn, flash-attn 2/4) vs the
+        reference per-segment SDPA path, bf16, forward + backward
+    torchrun --nproc_per_node 2 scripts/gpu_check.py --out docs/gpu_check.json
+        the above on rank 0, plus ISP sp=2 vs sp=1 attention and grads over NCCL
+    python scripts/gpu_check.py --device cpu --out /tmp/check.json
+        CPU smoke test: reference path only (gloo under torchrun)
+
+A kernel passes when its error against an fp32 run of the reference is at most
+twice the bf16 reference's own error (floor ``--atol``): "as accurate as bf16 SDPA".
+Exit status 1 if any check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import hfpatch.runtime as rt  # noqa: E402
+from hfpatch.runtime import ParallelMode, gpc  # noqa: E402
+
+CASES = {
+    # name: heads, kv_heads, causal, window
+    "causal_mha": (8, 8, True, (-1, -1)),
+    "causal_gqa": (8, 2, True, (-1, -1)),
+    "noncausal_gqa": (8, 2, False, (-1, -1)),
+    "causal_window": (8, 2, True, (128, -1)),
+}
+ISP_CASES = {
+    "causal_mha": (8, 8, True, (-1, -1)),
+    "causal_kv_lt_sp": (8, 1, True, (-1, -1)),  # kv heads replicated across ranks
+}
+
+
+def doc_lengths(total: int, seed: int) -> list[int]:
+    """Log-normal document lengths (median ~total/12) filling ``total`` tokens, odd tail."""
+    g = torch.Generator().manual_seed(seed)
+    lengths, used = [], 0
+    while used < total:
+        n = int(torch.empty(1).log_normal_(math.log(total / 12), 0.8, generator=g).item())
+        n = max(1, min(n, total - used))
+        lengths.append(n)
+        used += n
+    lengths[-1] = max(1, lengths[-1] - 1)  # total not a multiple of the sp size
+    return lengths
+
+
+def make_inputs(lengths, heads, kv_heads, head_dim, seed, device):
+    g = torch.Generator().manual_seed(seed)
+    total = sum(lengths) + 8  # room for sequence-parallel padding
+    make = lambda h: torch.randn(total, h, head_dim, generator=g).to(device)  # noqa: E731
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)
+    return make(heads), make(kv_heads), make(kv_heads), make(heads), cu, max(lengths)
+
+
+def fwd_bwd(q, k, v, dout, fn, dtype):
+    leaves = [t.to(dtype).clone().requires_grad_(True) for t in (q, k, v)]
+    out = fn(*leaves)
+    out.backward(dout.to(dtype))
+    return {"out": out.detach().float(), "dq": leaves[0].grad.float(),
+            "dk": leaves[1].grad.float(), "dv": leaves[2].grad.float()}
+
+
+def errors(got: torch.Tensor, ref: torch.Tensor) -> dict:
+    diff = (got - ref).abs()
+    return {"max_abs": diff.max().item(), "max_rel": (diff.max() / ref.abs().max().clamp_min(1e-12)).item()}
+
+
+def varlen_fn(backend, cu, max_len, causal, window):
+    return lambda q, k, v: rt.varlen_attention(
+        q, k, v, cu, cu, max_len, max_len, causal=causal, window_size=window, backend=backend
+    )
+
+
+def check_backends(args, device) -> list[dict]:
+    """Each usable fast backend (and the bf16 reference) against the fp32 reference."""
+    candidates = [b for b in rt.available_backends() if b != "reference"] if device.type == "cuda" else []
+    rows = []
+    for seed, (name, (heads, kv, causal, window)) in enumerate(CASES.items()):
+        lengths = doc_lengths(args.tokens, seed)
+        q, k, v, dout, cu, max_len = make_inputs(lengths, heads, kv, args.head_dim, seed, device)
+        total = sum(lengths)
+        q, k, v, dout = q[:total], k[:total], v[:total], dout[:total]
+        golden = fwd_bwd(q, k, v, dout, varlen_fn("reference", cu, max_len, causal, window), torch.float32)
+        ref_lp = fwd_bwd(q, k, v, dout, varlen_fn("reference", cu, max_len, causal, window), args.dtype)
+        ref_err = {t: errors(ref_lp[t], golden[t]) for t in golden}
+        rows.append({"case": name, "backend": "reference", "dtype": str(args.dtype), "docs": len(lengths),
+                     "tokens": total, "vs_fp32": ref_err,
+                     "passed": all(e["max_rel"] <= args.ref_rtol for e in ref_err.values())})
+        for backend in candidates:
+            row = {"case": name, "backend": backend, "dtype": str(args.dtype), "docs": len(lengths), "tokens": total}
+            try:
+                got = fwd_bwd(q, k, v, dout, varlen_fn(backend, cu, max_len, causal, window), args.dtype)
+            except (rt.AttentionBackendError, RuntimeError, ValueError) as exc:
+                row.update(skipped=f"{type(exc).__name__}: {exc}", passed=None)
+                rows.append(row)
+                continue
+            row["vs_fp32"] = {t: errors(got[t], golden[t]) for t in golden}
+            row["vs_reference_lowp"] = {t: errors(got[t], ref_lp[t]) for t in golden}
+            row["passed"] = all(
+                row["vs_fp32"][t]["max_abs"] <= max(2 * ref_err[t]["max_abs"], args.atol) for t in golden
+            )
+            rows.append(row)
+    return rows
+
+
+def check_isp(args, device) -> list[dict]:
+    """ISP over all ranks vs the same attention run unsharded on every rank."""
+    sp, rank = gpc.get_world_size(ParallelMode.TENSOR), gpc.get_local_rank(ParallelMode.TENSOR)
+    group = gpc.get_group(ParallelMode.TENSOR)
+    rows = []
+    for seed, (name, (heads, kv, causal, window)) in enumerate(ISP_CASES.items()):
+        lengths = doc_lengths(args.tokens, 100 + seed)
+        q, k, v, dout, cu, max_len = make_inputs(lengths, heads, kv, args.head_dim, 100 + seed, device)
+        total = sum(lengths)
+        row = rt.build_packed_row([[0] * n for n in lengths])
+        shard = rt.shard_for_sequence_parallel(row, rank, sp)
+        padded = int(shard["cu_seqlens"][-1])
+        cu_pad = shard["cu_seqlens"].to(device)
+        # sp=1: the whole padded pack on this rank, no communication.
+        full = fwd_bwd(q[:padded], k[:padded], v[:padded], dout[:padded],
+                       varlen_fn(args.backend, cu_pad, shard["max_seqlen"], causal, window), args.dtype)
+        local = padded // sp
+        sl = slice(rank * local, (rank + 1) * local)
+        isp = fwd_bwd(
+            q[sl], k[sl], v[sl], dout[sl],
+            lambda q, k, v: rt.isp_flash_attn_varlen_func(
+                q[None], k[None], v[None], cu_pad, cu_pad, shard["max_seqlen"], shard["max_seqlen"],
+                causal=causal, window_size=window, backend=args.backend,
+            )[0],
+            args.dtype,
+        )
+        errs = {}
+        for t in full:
+            # Compare this rank's real tokens; padding rows are ignored.
+            stop = min(sl.stop, total)
+            n = max(stop - sl.start, 0)
+            e = errors(isp[t][:n], full[t][sl.start:stop]) if n else {"max_abs": 0.0, "max_rel": 0.0}
+            vals = torch.tensor([e["max_abs"], e["max_rel"]], device=device)
+            torch.distributed.all_reduce(vals, op=torch.distributed.ReduceOp.MAX, group=group)
+            errs[t] = {"max_abs": vals[0].item(), "max_rel": vals[1].item()}
+        rows.append({"case": name, "sp": sp, "heads": heads, "kv_heads": kv, "tokens": total, "padded": padded,
+                     "dtype": str(args.dtype), "isp_vs_sp1": errs,
+                     "passed": all(e["max_rel"] <= args.isp_rtol for e in errs.values())})
+    return rows
+
+
+def environment(device) -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__, "device": str(device),
+            "attention_backends": rt.available_backends(), "auto_backend_bf16": None}
+    if device.type == "cuda":
+        info["card"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+        probe = torch.zeros(1, 1, 8, device=device, dtype=torch.bfloat16)
+        info["auto_backend_bf16"] = rt.resolve_backend(None, probe)
+    return info
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="JSON report path (written by rank 0)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
+                   help="precision under test (default bfloat16)")
+    p.add_argument("--tokens", type=int, default=None, help="tokens per pack (default 4096 cuda, 256 cpu)")
+    p.add_argument("--head-dim", type=int, default=None, help="default 64 cuda, 16 cpu")
+    p.add_argument("--backend", default=None, help="backend for the ISP check (default: auto)")
+    p.add_argument("--atol", type=float, default=1e-2, help="absolute error floor for kernels vs fp32")
+    p.add_argument("--ref-rtol", type=float, default=5e-2, help="bf16 reference vs fp32, relative")
+    p.add_argument("--isp-rtol", type=float, default=2e-2, help="ISP vs sp=1, relative to max |ref|")
+    args = p.parse_args(argv)
+    cuda = args.device == "cuda"
+    args.dtype = getattr(torch, args.dtype or "bfloat16")
+    args.tokens = args.tokens or (4096 if cuda else 256)
+    args.head_dim = args.head_dim or (64 if cuda else 16)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: pass --device cpu for the CPU smoke test", file=sys.stderr)
+        return 2
+    if world > 1:
+        rt.initialize(sequence_parallel=world, backend="nccl" if args.device == "cuda" else "gloo")
+    device = rt.current_device() if world > 1 else torch.device(args.device)
+    rank = gpc.get_global_rank()
+    started = time.time()
+    report = {"environment": environment(device), "world_size": world}
+    if rank == 0:
+        report["backends"] = check_backends(args, device)
+    if world > 1:
+        report["isp"] = check_isp(args, device)
+        rt.destroy()
+    if rank != 0:
+        return 0
+    report["seconds"] = round(time.time() - started, 2)
+    checks = report.get("backends", []) + report.get("isp", [])
+    report["passed"] = all(c["passed"] is not False for c in checks)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=2)
+    for c in checks:
+        status = "skip" if c["passed"] is None else ("PASS" if c["passed"] else "FAIL")
+        errs = c.get("vs_fp32") or c.get("isp_vs_sp1") or {}
+        worst = max((e["max_abs"] for e in errs.values()), default=float("nan"))
+        print(f"{status}  {c.get('backend', 'isp sp=%s' % c.get('sp'))}:{c['case']}  max_abs={worst:.3g}")
+    print(f"{'PASSED' if report['passed'] else 'FAILED'}; report: {args.out}")
+    return 0 if report["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

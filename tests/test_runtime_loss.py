@@ -1,0 +1,46 @@
+"""Single process: a packed toy model == each document alone; token-weighted loss."""
+
+import torch
+import torch.nn.functional as F
+
+import hfpatch.runtime as rt
+from runtime_helpers import make_toy_model, toy_documents
+
+
+def test_packed_model_equals_documents_alone():
+    docs = toy_documents()
+    row = rt.build_packed_row(docs)
+    model = make_toy_model()
+    with rt.packed_batch(row.cu_seqlens, row.max_seqlen):
+        logits = model(row.input_ids[None], row.position_ids[None])
+    loss = rt.causal_lm_loss(logits, row.labels[None])
+    loss.backward()
+    packed_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    model.zero_grad()
+    token_sum, count, alone = 0.0, 0, []
+    for doc in docs:
+        one = rt.build_packed_row([doc])
+        with rt.packed_batch(one.cu_seqlens, one.max_seqlen):
+            out = model(one.input_ids[None], one.position_ids[None])
+        alone.append(out[0])
+        token_sum = token_sum + F.cross_entropy(out[0], one.labels, ignore_index=-100, reduction="sum")
+        count += int((one.labels != -100).sum())
+    (token_sum / count).backward()
+
+    torch.testing.assert_close(logits[0], torch.cat(alone), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(loss, token_sum / count, rtol=1e-12, atol=0)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(packed_grads[name], p.grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_loss_is_token_weighted_and_safe_without_targets():
+    logits = torch.randn(1, 6, 5, dtype=torch.float64)
+    labels = torch.tensor([[1, -100, 2, 3, -100, -100]])
+    expected = F.cross_entropy(logits[0], labels[0], ignore_index=-100)  # mean over 3 targets
+    torch.testing.assert_close(rt.causal_lm_loss(logits, labels), expected)
+    # A fixed denominator (gradient accumulation over micro-batches).
+    torch.testing.assert_close(rt.causal_lm_loss(logits, labels, num_valid_tokens=6), expected * 3 / 6)
+    assert rt.causal_lm_loss(logits, torch.full_like(labels, -100)).item() == 0.0
+    assert rt.global_loss(rt.causal_lm_loss(logits, labels)) == expected.item()
+    assert int(rt.count_valid_tokens(labels)) == 3
