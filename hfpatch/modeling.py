@@ -9,9 +9,6 @@ from types import ModuleType
 from hfpatch import actions, zoo
 from hfpatch.zoo import Entry
 
-CAUSAL_LM_CLASSES = {"llama": "LlamaForCausalLM"}
-
-
 def ensure_patched(entry: Entry, entries: list[Entry] | None = None) -> None:
     """Sync and apply the hfpatch-engine patch if the zoo file is not patched yet."""
     state = actions.file_state(entry, entry.patch_target, entries).state
@@ -39,16 +36,21 @@ def load_patched_module(entry: Entry, entries: list[Entry] | None = None) -> Mod
     return module
 
 
-def causal_lm_class(entry: Entry, entries: list[Entry] | None = None) -> type:
-    model_type = entry.test_config.get("model_type")
-    if model_type not in CAUSAL_LM_CLASSES:
-        raise zoo.ZooError(f"{entry.name}: no causal-LM class known for model_type {model_type!r}")
-    return getattr(load_patched_module(entry, entries), CAUSAL_LM_CLASSES[model_type])
+def model_class(entry: Entry, entries: list[Entry] | None = None) -> type:
+    """The patched class the trainer builds (manifest key ``model_class``)."""
+    if not entry.model_class:
+        raise zoo.ZooError(f"{entry.name}: the manifest names no model_class")
+    module = load_patched_module(entry, entries)
+    if not hasattr(module, entry.model_class):
+        raise zoo.ZooError(f"{entry.name}: {entry.patch_target} defines no class {entry.model_class}")
+    return getattr(module, entry.model_class)
 
 
-def tiny_config(entry: Entry, **overrides):
-    """The manifest's tiny test config as a transformers config object."""
-    from transformers import AutoConfig
-
+def tiny_config(entry: Entry, entries: list[Entry] | None = None, **overrides):
+    """The manifest's tiny test config as the model class's own config object."""
     values = {**entry.test_config, **overrides}
-    return AutoConfig.for_model(values.pop("model_type"), **values)
+    values.pop("model_type", None)
+    return model_class(entry, entries).config_class(**values)
+
+
+causal_lm_class = model_class  # TODO(lead): rename call sites in hfpatch/train once the trainer lands

@@ -38,6 +38,7 @@ class Entry:
     patch_target: str | None  # file the patch modifies
     patch_from: str | None  # name of the entry whose patch this one reuses (same upstream file)
     capabilities: dict[str, bool]
+    model_class: str | None = None  # class in the patch target that training builds
     test_config: dict = field(default_factory=dict, hash=False)
     known_good_pins: tuple[str, ...] = ()
     notes: str = ""
@@ -72,7 +73,7 @@ def load_entry(manifest_path: Path) -> Entry:
         data = tomllib.loads(manifest_path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise ZooError(f"{where}: {exc}") from None
-    known = {"name", "seed_name", "aliases", "family", "description", "upstream", "patch", "capabilities",
+    known = {"name", "seed_name", "aliases", "family", "description", "model_class", "upstream", "patch", "capabilities",
              "test_config", "known_good_pins", "notes"}
     unknown = set(data) - known
     if unknown:
@@ -104,6 +105,7 @@ def load_entry(manifest_path: Path) -> Entry:
         patch_target=target,
         patch_from=patch.get("reuse"),
         capabilities={k: bool(v) for k, v in data.get("capabilities", {}).items()},
+        model_class=data.get("model_class"),
         test_config=dict(data.get("test_config", {})),
         known_good_pins=tuple(data.get("known_good_pins", ())),
         notes=data.get("notes", ""),

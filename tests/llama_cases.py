@@ -23,7 +23,7 @@ def patched_and_reference(name: str = "llama2", seed: int = 0, **overrides):
     """The patched model and transformers' own unpatched model, same float64 weights."""
     config = tiny_config(name, **overrides)
     torch.manual_seed(seed)
-    patched = modeling.causal_lm_class(zoo.resolve(name))(config).double()
+    patched = modeling.model_class(zoo.resolve(name))(config).double()
     patched.reset_parameters()
     reference = transformers.LlamaForCausalLM(config).double()
     reference.load_state_dict(patched.state_dict())

@@ -140,20 +140,14 @@ def test_target_flag_checks_the_hash_first(zoo_copy, tmp_path):
 
 
 def test_patched_file_imports_and_builds_a_model(zoo_copy):
-    """The patched module imports with the hfpatch runtime and builds the tiny test config."""
-    import importlib.util
-
+    """Every ready entry's patched module imports with the hfpatch runtime and builds its tiny config."""
     import torch
-    from transformers import LlamaConfig
 
-    run("sync", "llama2")
-    run("apply", "llama2")
-    path = zoo_copy / "meta_llama/Llama_2_7b_hf/modeling_llama.py"
-    spec = importlib.util.spec_from_file_location("patched_llama_smoke", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = LlamaConfig(**{k: v for k, v in zoo.resolve("llama2").test_config.items() if k != "model_type"})
-    model = module.LlamaForCausalLM(config)
-    model.reset_parameters()
-    out = model(torch.tensor([[1, 2, 3]]))
-    assert out.logits.shape == (1, 3, config.vocab_size)
+    from hfpatch import modeling
+
+    for entry in ready_entries():
+        model = modeling.model_class(entry)(modeling.tiny_config(entry))
+        model.reset_parameters()
+        out = model(torch.tensor([[1, 2, 3]]))
+        assert out.logits.shape == (1, 3, model.config.vocab_size)
+        assert "patched" == actions.file_state(entry, entry.patch_target).state
