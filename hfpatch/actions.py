@@ -32,8 +32,45 @@ def patch_header(text: str) -> dict[str, str]:
     return fields
 
 
-def patch_text(entry: Entry, engine: str = engines.DEFAULT_ENGINE, entries: list[Entry] | None = None) -> str:
-    path = zoo.patch_file(entry, entries)
+@dataclass(frozen=True)
+class Pin:
+    """One upstream release an entry supports: its patch and the sha256 its files must have."""
+
+    version: str | None
+    patch: Path | None
+    hashes: dict[str, str]
+
+
+def pins(entry: Entry, entries: list[Entry] | None = None) -> dict[str, Pin]:
+    """The manifest pin, plus every ``patches/<entry>/<package>-<version>.patch`` (legacy/other pins)."""
+    up = entry.upstream
+    default = Pin(up.version, zoo.patch_file(entry, entries) if entry.has_patch else None, dict(up.files))
+    found = {up.version: default}
+    if not entry.has_patch or up.kind != "package":
+        return found
+    owner = zoo.resolve(entry.patch_from, entries) if entry.patch_from else entry
+    prefix = f"{up.package}-"
+    for path in sorted((zoo.zoo_root().parent / "patches" / owner.name).glob(f"{prefix}*.patch")):
+        version = path.name[len(prefix):-len(".patch")]
+        pre_image = patch_header(path.read_text()).get("pre-image-sha256")
+        if not pre_image:
+            raise ActionError(f"{path}: a versioned patch needs a Pre-Image-SHA256 header field")
+        found[version] = Pin(version, path, {entry.patch_target: pre_image})
+    return found
+
+
+def active_pin(entry: Entry, entries: list[Entry] | None = None) -> Pin:
+    """The pin matching the installed package when the entry has a patch for it, else the manifest pin."""
+    available = pins(entry, entries)
+    installed = upstream.installed_version(entry.upstream.package) if entry.upstream.kind == "package" else None
+    return available.get(installed, available[entry.upstream.version])
+
+
+def patch_text(entry: Entry, engine: str = engines.DEFAULT_ENGINE, entries: list[Entry] | None = None,
+               pin: Pin | None = None) -> str:
+    path = (pin or active_pin(entry, entries)).patch
+    if path is None:
+        raise ActionError(f"{entry.name}: no patch yet ({entry.notes or 'planned'})")
     if not path.is_file():
         raise ActionError(f"{entry.name}: patch file {path} is missing")
     return engines.render(path.read_text(), engine)
@@ -42,9 +79,10 @@ def patch_text(entry: Entry, engine: str = engines.DEFAULT_ENGINE, entries: list
 # --------------------------------------------------------------------------- sync
 
 
-def pinned_bytes(entry: Entry, file_name: str) -> bytes:
-    """The materialized upstream file at the pin, verified against the manifest's sha256."""
+def pinned_bytes(entry: Entry, file_name: str, pin: Pin | None = None) -> bytes:
+    """The materialized upstream file at ``pin`` (default: the manifest pin), sha256-verified."""
     up = entry.upstream
+    pin = pin or pins(entry)[up.version]
     if up.kind == "port":
         path = entry.directory / file_name
         if not path.is_file():
@@ -52,14 +90,14 @@ def pinned_bytes(entry: Entry, file_name: str) -> bytes:
         data = path.read_bytes()
     else:
         try:
-            data = upstream.materialize(up.package, up.version, f"{up.path}/{file_name}")
+            data = upstream.materialize(up.package, pin.version, f"{up.path}/{file_name}")
         except upstream.UpstreamError as exc:
             raise ActionError(f"{entry.name}: {exc}") from None
-    expected = up.files.get(file_name)
+    expected = pin.hashes.get(file_name)
     actual = upstream.sha256_bytes(data)
     if expected != actual:
         raise ActionError(
-            f"{entry.name}: {file_name} from {up.package}=={up.version} does not match the manifest: "
+            f"{entry.name}: {file_name} from {up.package}=={pin.version} does not match the manifest: "
             f"manifest sha256 {expected or '(none)'}, materialized sha256 {actual}"
         )
     return data
@@ -72,13 +110,15 @@ class FileState:
     sha256: str | None
 
 
-def classify(entry: Entry, file_name: str, data: bytes, entries: list[Entry] | None = None) -> str:
+def classify(entry: Entry, file_name: str, data: bytes, entries: list[Entry] | None = None,
+             pin: Pin | None = None) -> str:
     """pristine | patched | patched (<engine>) | modified: what these bytes are relative to the pin."""
-    if upstream.sha256_bytes(data) == entry.upstream.files.get(file_name):
+    pin = pin or active_pin(entry, entries)
+    if upstream.sha256_bytes(data) == pin.hashes.get(file_name):
         return "pristine"
     if entry.has_patch and file_name == entry.patch_target:
         for engine in engines.ENGINE_IMPORTS:
-            [file_patch] = patching.parse_patch(patch_text(entry, engine, entries))
+            [file_patch] = patching.parse_patch(patch_text(entry, engine, entries, pin))
             try:
                 state = patching.plan_file(file_name, data, file_patch).state
             except patching.PatchError:
@@ -102,9 +142,10 @@ def sync(entry: Entry, force: bool = False, entries: list[Entry] | None = None) 
         for file_name in entry.upstream.files:
             pinned_bytes(entry, file_name)  # verifies the committed port's hash
         return [f"{entry.name}: first-party port, nothing to materialize"]
+    pin = active_pin(entry, entries)
     planned = {}
     messages = []
-    for file_name in entry.upstream.files:
+    for file_name in pin.hashes:
         state = file_state(entry, file_name, entries)
         if state.state == "pristine" or (state.state.startswith("patched") and not force):
             messages.append(f"{entry.name}: {file_name} up to date ({state.state})")
@@ -114,11 +155,11 @@ def sync(entry: Entry, force: bool = False, entries: list[Entry] | None = None) 
                 f"{entry.name}: {entry.directory / file_name} has local changes that are not the patch "
                 f"(sha256 {state.sha256}); rerun with --force to overwrite it"
             )
-        planned[file_name] = pinned_bytes(entry, file_name)
+        planned[file_name] = pinned_bytes(entry, file_name, pin)
     for file_name, data in planned.items():  # only after every file verified
         patching.atomic_write(entry.directory / file_name, data)
         messages.append(f"{entry.name}: {file_name} materialized from "
-                        f"{entry.upstream.package}=={entry.upstream.version} (sha256 ok)")
+                        f"{entry.upstream.package}=={pin.version} (sha256 ok)")
     return messages
 
 
@@ -126,18 +167,22 @@ def sync(entry: Entry, force: bool = False, entries: list[Entry] | None = None) 
 
 
 def check(entry: Entry, entries: list[Entry] | None = None) -> list[str]:
-    """Dry-run the patch (every engine) against freshly materialized pin bytes; raise on failure."""
+    """Dry-run every pin's patch (every engine) against freshly materialized bytes; raise on failure."""
     if not entry.has_patch:
         raise ActionError(f"{entry.name}: no patch to check")
+    return [line for pin in pins(entry, entries).values() for line in _check_pin(entry, pin, entries)]
+
+
+def _check_pin(entry: Entry, pin: Pin, entries: list[Entry] | None) -> list[str]:
     target = entry.patch_target
-    pristine = pinned_bytes(entry, target)
-    header = patch_header(zoo.patch_file(entry, entries).read_text())
+    pristine = pinned_bytes(entry, target, pin)
+    header = patch_header(pin.patch.read_text())
     if header.get("pre-image-sha256") and header["pre-image-sha256"] != upstream.sha256_bytes(pristine):
         raise ActionError(f"{entry.name}: the patch was made for a {target} with sha256 "
                           f"{header['pre-image-sha256']}, the pin materializes {upstream.sha256_bytes(pristine)}")
     lines = []
     for engine in engines.ENGINE_IMPORTS:
-        [file_patch] = patching.parse_patch(patch_text(entry, engine, entries))
+        [file_patch] = patching.parse_patch(patch_text(entry, engine, entries, pin))
         result = patching.plan_file(target, pristine, file_patch)
         if result.state != "applied":
             raise ActionError(f"{entry.name}: patch ({engine}) does not apply to the pinned {target}: {result.state}")
@@ -149,7 +194,8 @@ def check(entry: Entry, entries: list[Entry] | None = None) -> list[str]:
         except SyntaxError as exc:
             raise ActionError(f"{entry.name}: patched {target} ({engine}) does not compile: {exc}") from None
         offsets = f", offsets {result.offsets}" if result.offsets else ""
-        lines.append(f"{entry.name}: {target} patch ({engine}) applies cleanly{offsets}")
+        lines.append(f"{entry.name}: {target} patch ({engine}) applies cleanly to "
+                     f"{entry.upstream.package}=={pin.version}{offsets}")
     return lines
 
 
@@ -162,15 +208,16 @@ def _target_path(entry: Entry, target: Path | None, engine: str, entries: list[E
     target = Path(target)
     if not target.is_file():
         raise ActionError(f"{target}: no such file")
-    state = classify(entry, entry.patch_target, target.read_bytes(), entries)
+    pin = active_pin(entry, entries)
+    state = classify(entry, entry.patch_target, target.read_bytes(), entries, pin)
     wanted = "patched" if engine == engines.DEFAULT_ENGINE else f"patched ({engine})"
     if state.startswith("patched") and state != wanted:
         raise ActionError(f"{target} is already {state}; run `hfpatch revert {entry.name}` before applying engine {engine}")
     if state == "modified":
         raise ActionError(
             f"{target} is not the pinned upstream {entry.patch_target} "
-            f"({entry.upstream.package}=={entry.upstream.version}): sha256 {upstream.sha256_bytes(target.read_bytes())}, "
-            f"expected {entry.upstream.files.get(entry.patch_target)}"
+            f"({entry.upstream.package}=={pin.version}): sha256 {upstream.sha256_bytes(target.read_bytes())}, "
+            f"expected {pin.hashes.get(entry.patch_target)}"
         )
     return target
 
@@ -214,7 +261,7 @@ def diff(entry: Entry, entries: list[Entry] | None = None) -> str:
     path = entry.directory / entry.patch_target
     if not path.is_file():
         raise ActionError(f"{path}: not materialized (run `hfpatch sync {entry.name}`)")
-    pristine = pinned_bytes(entry, entry.patch_target).decode().splitlines(keepends=True)
+    pristine = pinned_bytes(entry, entry.patch_target, active_pin(entry, entries)).decode().splitlines(keepends=True)
     current = path.read_text().splitlines(keepends=True)
     return "".join(difflib.unified_diff(pristine, current, f"{entry.patch_target} (pin)", entry.patch_target))
 

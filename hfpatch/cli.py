@@ -8,9 +8,10 @@ from pathlib import Path
 
 import click
 
-from hfpatch import actions, engines, patching, upstream, zoo
+from hfpatch import actions, drift as drift_, engines, patching, upstream, zoo
 
-USER_ERRORS = (actions.ActionError, zoo.ZooError, patching.PatchError, upstream.UpstreamError, engines.EngineError)
+USER_ERRORS = (actions.ActionError, zoo.ZooError, patching.PatchError, upstream.UpstreamError, engines.EngineError,
+               drift_.DriftError)
 
 
 class Group(click.Group):
@@ -161,6 +162,44 @@ def diff(model):
     entries = zoo.load_zoo()
     text = actions.diff(zoo.resolve(model, entries), entries)
     click.echo(text if text else "no difference from the pin", nl=not text)
+
+
+@main.command()
+@click.argument("model", required=False)
+@click.option("--all", "all_", is_flag=True, help="every library-model entry with a patch")
+@click.option("--versions", help="comma-separated releases, e.g. 5.16.0,5.18.0")
+@click.option("--latest", type=int, help="the N newest releases of the entry's package")
+@click.option("--major", help="only releases of this major version (with --latest or alone)")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.option("--strict", is_flag=True, help="exit 1 unless the patch applies (clean or with offsets) everywhere")
+def drift(model, all_, versions, latest, major, as_json, strict):
+    """How MODEL's pinned patch fares on other upstream releases."""
+    entries, selected = _entries_for(model, all_)
+    packages = {e.upstream.package for e in selected if e.has_patch and e.upstream.kind == "package"}
+    results = []
+    for package in sorted(packages):
+        wanted = versions.split(",") if versions else drift_.release_versions(package, latest, major)
+        group = [e for e in selected if e.upstream.package == package]
+        echo = None if as_json else (lambda r: click.echo(f"{r.model:10s} {r.package}=={r.version:10s} {r.state:9s} {r.detail}"))
+        results += drift_.drift(group, wanted, entries, progress=echo)
+    if as_json:
+        click.echo(json.dumps([r.as_dict() for r in results], indent=2))
+    if strict and any(r.state not in ("pin", "identical", "clean", "offsets") for r in results):
+        raise SystemExit(1)
+
+
+@main.command()
+@click.argument("model")
+@click.option("--to", "version", required=True, help="the upstream release to rebase onto")
+@click.option("--force", is_flag=True, help="overwrite an earlier candidate")
+def refresh(model, version, force):
+    """Rebase MODEL's patch onto another release by three-way merge; writes a candidate for review."""
+    entries = zoo.load_zoo()
+    result = drift_.refresh(zoo.resolve(model, entries), version, force, entries)
+    if result.conflicts:
+        click.secho(f"{result.conflicts} conflict(s): resolve the markers in {result.merged_file}", fg="yellow")
+        raise SystemExit(1)
+    click.echo(f"candidate patch written to {result.candidate}; review it, then rename it to drop .candidate")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import importlib.util
 import sys
 from types import ModuleType
 
-from hfpatch import actions, zoo
+from hfpatch import actions, upstream, zoo
 from hfpatch.zoo import Entry
 
 def ensure_patched(entry: Entry, entries: list[Entry] | None = None) -> None:
@@ -19,8 +19,21 @@ def ensure_patched(entry: Entry, entries: list[Entry] | None = None) -> None:
     actions.apply(entry, entries=entries)
 
 
+def check_installed_pin(entry: Entry, entries: list[Entry] | None = None) -> None:
+    """The installed package must be a release the entry has a patch for."""
+    up = entry.upstream
+    if up.kind != "package":
+        return
+    installed = upstream.installed_version(up.package)
+    supported = actions.pins(entry, entries)
+    if installed not in supported:
+        raise zoo.ZooError(f"{entry.name}: installed {up.package} {installed} has no patch; "
+                           f"supported releases: {', '.join(sorted(supported))}")
+
+
 def load_patched_module(entry: Entry, entries: list[Entry] | None = None) -> ModuleType:
     """The patched modeling module, imported from the zoo dir under a private name."""
+    check_installed_pin(entry, entries)
     ensure_patched(entry, entries)
     name = f"hfpatch_zoo.{entry.name}.{entry.patch_target.removesuffix('.py')}"
     if name in sys.modules:
