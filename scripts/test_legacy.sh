@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The legacy transformers 4.x pin in its own environment: the patch for the installed release is
+# chosen automatically and the patched Llama passes its equivalence tests there too.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+LEGACY=${HFPATCH_LEGACY_TRANSFORMERS:-4.57.6}
+PYTHON=${PYTHON:-python3}
+[ -x .venv-legacy/bin/python ] || "$PYTHON" -m venv .venv-legacy
+PIP=(.venv-legacy/bin/python -m pip install --quiet)
+[ -d /opt/wheels ] && PIP+=(--find-links /opt/wheels)
+"${PIP[@]}" "torch==${HFPATCH_TORCH:-2.13.0}"
+"${PIP[@]}" "transformers==$LEGACY" click unidiff tokenizers safetensors tqdm matplotlib pytest
+"${PIP[@]}" --no-deps -e .   # setup.cfg pins the default transformers; this env holds the legacy one
+.venv-legacy/bin/hfpatch check
+.venv-legacy/bin/python -m pytest -q tests/test_llama_equivalence.py \
+  tests/test_drift.py::test_legacy_environment_picks_the_legacy_patch
