@@ -10,6 +10,7 @@ from pathlib import Path
 from hfpatch import engines, patching, upstream, zoo
 from hfpatch.zoo import Entry
 
+PORT_DIR = "port"  # committed pristine source of a first-party port; synced beside it like upstream files
 HEADER_FIELD = re.compile(r"^([A-Za-z][\w-]*):\s*(.*)$")
 
 
@@ -59,6 +60,10 @@ def pins(entry: Entry, entries: list[Entry] | None = None) -> dict[str, Pin]:
     return found
 
 
+def pin_label(entry: Entry, pin: Pin) -> str:
+    return f"{entry.upstream.package}=={pin.version}" if entry.upstream.kind == "package" else "the first-party port"
+
+
 def active_pin(entry: Entry, entries: list[Entry] | None = None) -> Pin:
     """The pin matching the installed package when the entry has a patch for it, else the manifest pin."""
     available = pins(entry, entries)
@@ -84,7 +89,7 @@ def pinned_bytes(entry: Entry, file_name: str, pin: Pin | None = None) -> bytes:
     up = entry.upstream
     pin = pin or pins(entry)[up.version]
     if up.kind == "port":
-        path = entry.directory / file_name
+        path = entry.directory / PORT_DIR / file_name
         if not path.is_file():
             raise ActionError(f"{entry.name}: first-party port file {path} is missing")
         data = path.read_bytes()
@@ -138,10 +143,6 @@ def file_state(entry: Entry, file_name: str, entries: list[Entry] | None = None)
 
 def sync(entry: Entry, force: bool = False, entries: list[Entry] | None = None) -> list[str]:
     """Write the pinned upstream files into the zoo dir; keep patched files, refuse local edits."""
-    if entry.upstream.kind == "port":
-        for file_name in entry.upstream.files:
-            pinned_bytes(entry, file_name)  # verifies the committed port's hash
-        return [f"{entry.name}: first-party port, nothing to materialize"]
     pin = active_pin(entry, entries)
     planned = {}
     messages = []
@@ -158,8 +159,7 @@ def sync(entry: Entry, force: bool = False, entries: list[Entry] | None = None) 
         planned[file_name] = pinned_bytes(entry, file_name, pin)
     for file_name, data in planned.items():  # only after every file verified
         patching.atomic_write(entry.directory / file_name, data)
-        messages.append(f"{entry.name}: {file_name} materialized from "
-                        f"{entry.upstream.package}=={pin.version} (sha256 ok)")
+        messages.append(f"{entry.name}: {file_name} materialized from {pin_label(entry, pin)} (sha256 ok)")
     return messages
 
 
@@ -194,8 +194,7 @@ def _check_pin(entry: Entry, pin: Pin, entries: list[Entry] | None) -> list[str]
         except SyntaxError as exc:
             raise ActionError(f"{entry.name}: patched {target} ({engine}) does not compile: {exc}") from None
         offsets = f", offsets {result.offsets}" if result.offsets else ""
-        lines.append(f"{entry.name}: {target} patch ({engine}) applies cleanly to "
-                     f"{entry.upstream.package}=={pin.version}{offsets}")
+        lines.append(f"{entry.name}: {target} patch ({engine}) applies cleanly to {pin_label(entry, pin)}{offsets}")
     return lines
 
 
@@ -274,7 +273,7 @@ def record_hashes(entry: Entry) -> list[str]:
     for file_name in entry.upstream.files:
         up = entry.upstream
         data = upstream.materialize(up.package, up.version, f"{up.path}/{file_name}") if up.kind == "package" \
-            else (entry.directory / file_name).read_bytes()
+            else (entry.directory / PORT_DIR / file_name).read_bytes()
         digest = upstream.sha256_bytes(data)
         text, count = re.subn(rf'^("{re.escape(file_name)}"\s*=\s*)"[0-9a-f]*"', rf'\g<1>"{digest}"', text, flags=re.M)
         if count != 1:

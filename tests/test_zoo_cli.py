@@ -24,7 +24,7 @@ def run(*args, ok=True):
 
 
 def ready_entries():
-    return [e for e in zoo.load_zoo() if e.has_patch and e.upstream.kind == "package"]
+    return [e for e in zoo.load_zoo() if e.has_patch]
 
 
 def test_list_json_has_all_ten_seed_models_with_their_real_state(zoo_copy):

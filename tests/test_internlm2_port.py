@@ -1,0 +1,506 @@
+"""The first-party InternLM2 port and its patch, against independent references.
+
+References: transformers' own ``LlamaForCausalLM`` holding the same weights re-laid out
+(the re-layout is written here from the official checkpoint layout, not taken from the
+port), the official key list (also written here), each document run alone through the
+unpatched port, and the single-process run for ISP.
+
+The first half of this file is the machinery every port test shares (``PortCase`` and
+the ``check_*`` functions); ``test_baichuan2_port.py`` imports it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+from hfpatch import actions, engines, modeling, runtime, zoo
+from hfpatch.cli import main as cli
+from runtime_helpers import run_distributed
+
+ATOL = 1e-10
+DOC_LENGTHS = [6, 14, 3, 19, 9]  # 51 tokens: odd, so the sp=2 shard appends a one-token padding segment
+
+
+# --------------------------------------------------------------------------- shared machinery
+
+
+@dataclass(frozen=True)
+class PortCase:
+    name: str  # zoo name
+    official_shapes: Callable  # config -> {state-dict key: shape} of the official checkpoint
+    to_llama: Callable  # (official state dict, config) -> transformers Llama state dict
+    llama_config: Callable  # config -> transformers.LlamaConfig
+    official_config_json: Callable  # config -> the official config.json's keys (sizes from config)
+
+
+@dataclass
+class Port:
+    entry: zoo.Entry
+    unpatched: type  # the committed port, as published (no runtime import)
+    patched: type  # the zoo's patched class
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def import_unpatched(entry: zoo.Entry, directory: Path) -> type:
+    """The committed port files, copied before anything patches them, imported under a private name."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for file_name, digest in entry.upstream.files.items():
+        data = (entry.directory / actions.PORT_DIR / file_name).read_bytes()
+        assert sha256(data) == digest, f"{file_name} is not the committed port"
+        (directory / file_name).write_bytes(data)
+    name = f"hfpatch_unpatched.{entry.name}.{entry.patch_target.removesuffix('.py')}"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, directory / entry.patch_target)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return getattr(sys.modules[name], entry.model_class)
+
+
+def load_port(name: str, tmp_path: Path) -> Port:
+    entry = zoo.resolve(name)
+    unpatched = import_unpatched(entry, tmp_path / "unpatched")  # first: model_class patches the zoo file
+    return Port(entry, unpatched, modeling.model_class(entry))
+
+
+def config_values(entry: zoo.Entry, overrides: dict) -> dict:
+    values = {**entry.test_config, **overrides}
+    values.pop("model_type", None)
+    return values
+
+
+def patched_model(entry: zoo.Entry, overrides: dict, seed: int = 0):
+    """The patched model in float64 with InternEvo's init, then random norms and biases (so they take part)."""
+    cls = modeling.model_class(entry)
+    torch.manual_seed(seed)
+    model = cls(cls.config_class(**config_values(entry, overrides))).double()
+    model.reset_parameters()
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for key, param in model.named_parameters():
+            if param.ndim == 1:
+                noise = torch.randn(param.shape, generator=generator, dtype=param.dtype)
+                param.copy_(noise * 0.3 if key.endswith("bias") else 1 + 0.1 * noise)
+    return model
+
+
+def models(port: Port, overrides: dict | None = None, seed: int = 0):
+    """(patched, unpatched) with the same weights."""
+    overrides = overrides or {}
+    patched = patched_model(port.entry, overrides, seed)
+    unpatched = port.unpatched(port.unpatched.config_class(**config_values(port.entry, overrides))).double()
+    unpatched.load_state_dict(patched.state_dict(), strict=True)
+    return patched, unpatched
+
+
+def documents(vocab: int, seed: int = 0) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, vocab, (n,), generator=generator).tolist() for n in DOC_LENGTHS]
+
+
+def left_padded_batch(vocab: int):
+    ids = torch.randint(1, vocab, (2, 11), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding, exercising transformers' own mask path
+    return ids, mask
+
+
+def official_state_dict(shapes: dict, seed: int = 0) -> dict:
+    """Random float64 tensors under the official names: norms near one, everything else small."""
+    generator = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, shape in shapes.items():
+        noise = torch.randn(shape, generator=generator, dtype=torch.float64)
+        out[key] = 1 + 0.1 * noise if key.endswith("norm.weight") else 0.1 * noise
+    return out
+
+
+def check_matches_llama(case: PortCase, port: Port, overrides: dict) -> None:
+    """Official-layout weights load strictly; re-laid out into LlamaForCausalLM they give the same outputs."""
+    config = port.unpatched.config_class(**config_values(port.entry, overrides))
+    shapes = case.official_shapes(config)
+    official = official_state_dict(shapes)
+    model = port.unpatched(config).double()
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == shapes
+    result = model.load_state_dict(official, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+
+    llama = transformers.LlamaForCausalLM(case.llama_config(config)).double()
+    llama.load_state_dict(case.to_llama(official, config), strict=True)
+
+    ids, mask = left_padded_batch(config.vocab_size)
+    out, ref = model(input_ids=ids, attention_mask=mask, labels=ids), llama(input_ids=ids, attention_mask=mask, labels=ids)
+    assert out.logits.abs().mean() > 0.1  # not a degenerate comparison
+    torch.testing.assert_close(out.logits, ref.logits, atol=ATOL, rtol=0)
+    torch.testing.assert_close(out.loss, ref.loss, atol=ATOL, rtol=0)
+    generated = model.generate(ids[:1], max_new_tokens=6, do_sample=False, use_cache=True)
+    assert torch.equal(generated, llama.generate(ids[:1], max_new_tokens=6, do_sample=False, use_cache=True))
+
+
+def check_from_pretrained_official_checkpoint(case: PortCase, port: Port, tmp_path: Path) -> None:
+    """A checkpoint dir shaped like the hub's (official config.json keys, official tensor names) loads
+    through ``from_pretrained`` with nothing missing, unexpected or mismatched, and computes the same."""
+    config = port.unpatched.config_class(**config_values(port.entry, {}))
+    official = official_state_dict(case.official_shapes(config))
+    directory = tmp_path / "checkpoint"
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps(case.official_config_json(config), indent=2))
+    save_file({k: v.contiguous() for k, v in official.items()}, str(directory / "model.safetensors"))
+
+    loaded, info = port.unpatched.from_pretrained(str(directory), dtype=torch.float64, output_loading_info=True)
+    assert {k: list(v) for k, v in info.items() if v} == {}
+    for key, value in case.official_config_json(config).items():  # config.json's values came through
+        if key not in ("torch_dtype", "transformers_version", "rope_scaling", "rope_theta", "attn_implementation"):
+            assert getattr(loaded.config, key) == value, key
+    assert loaded.config.rope_parameters["rope_theta"] == case.official_config_json(config).get("rope_theta", 10000)
+    direct = port.unpatched(loaded.config).double()
+    direct.load_state_dict(official, strict=True)
+    ids, _ = left_padded_batch(config.vocab_size)
+    torch.testing.assert_close(loaded(ids).logits, direct(ids).logits, atol=ATOL, rtol=0)
+    assert port.unpatched.config_class.from_pretrained(str(directory)).model_type == case.official_config_json(config)["model_type"]
+
+
+def assert_same_grads(a, b, atol=ATOL):
+    for (name, p), (_, r) in zip(a.named_parameters(), b.named_parameters()):
+        torch.testing.assert_close(p.grad, r.grad, atol=atol, rtol=0, msg=name)
+
+
+def check_no_runtime_patched_equals_unpatched(port: Port, overrides: dict) -> None:
+    patched, unpatched = models(port, overrides)
+    ids, mask = left_padded_batch(patched.config.vocab_size)
+    out_p = patched(input_ids=ids, attention_mask=mask, labels=ids)
+    out_u = unpatched(input_ids=ids, attention_mask=mask, labels=ids)
+    torch.testing.assert_close(out_p.logits, out_u.logits, atol=ATOL, rtol=0)
+    out_p.loss.backward()
+    out_u.loss.backward()
+    assert_same_grads(patched, unpatched)
+    gen_p = patched.generate(ids[:1], max_new_tokens=6, do_sample=False, use_cache=True)
+    gen_u = unpatched.generate(ids[:1], max_new_tokens=6, do_sample=False, use_cache=True)
+    assert torch.equal(gen_p, gen_u) and gen_p.shape[1] == 17
+
+
+def _alone(model, docs):
+    """Logits and summed token losses of each document run alone."""
+    logits, loss_sum = [], 0.0
+    for doc in docs:
+        ids = torch.tensor([doc])
+        out = model(input_ids=ids).logits[0]
+        logits.append(out)
+        loss_sum = loss_sum + F.cross_entropy(out[:-1], ids[0, 1:], reduction="sum")
+    return torch.cat(logits), loss_sum
+
+
+def _packed_logits(model, row, position_ids=None):
+    position_ids = row.position_ids if position_ids is None else position_ids
+    with runtime.packed_batch(row.cu_seqlens, row.max_seqlen):
+        return model(input_ids=row.input_ids[None], position_ids=position_ids[None]).logits[0]
+
+
+def check_packed_equals_documents_alone(port: Port, positions: str, overrides: dict) -> None:
+    patched, unpatched = models(port, overrides)
+    docs = documents(patched.config.vocab_size)
+    row = runtime.build_packed_row(docs)
+    position_ids = row.position_ids if positions == "restart per document" else torch.arange(sum(DOC_LENGTHS))
+    logits = _packed_logits(patched, row, position_ids)
+    loss = runtime.causal_lm_loss(logits, row.labels)
+    ref_logits, ref_sum = _alone(unpatched, docs)
+    ref_loss = ref_sum / sum(n - 1 for n in DOC_LENGTHS)
+    # RoPE tables are float32: shifted positions differ at ~1e-8, a leak across documents at ~1e-2
+    atol = ATOL if positions == "restart per document" else 1e-6
+    torch.testing.assert_close(logits, ref_logits, atol=atol, rtol=0)
+    torch.testing.assert_close(loss, ref_loss, atol=atol, rtol=0)
+    loss.backward()
+    ref_loss.backward()
+    assert_same_grads(patched, unpatched, atol)
+
+
+def check_one_segment_would_leak(port: Port) -> None:
+    """Guard that the check above can fail: one causal segment over the whole pack differs from alone."""
+    patched, unpatched = models(port)
+    docs = documents(patched.config.vocab_size)
+    row = runtime.build_packed_row(docs)
+    whole = torch.tensor([0, row.input_ids.numel()], dtype=torch.int32)
+    with runtime.packed_batch(whole, row.input_ids.numel()):
+        leaky = patched(input_ids=row.input_ids[None], position_ids=row.position_ids[None]).logits[0]
+    ref_logits, _ = _alone(unpatched, docs)
+    assert (leaky - ref_logits).abs().max() > 1e-3
+
+
+def isp_rank(rank: int, world: int, name: str, overrides: dict):
+    """One gloo ISP rank: forward/backward its shard of the pack; (global loss, local logits, summed grads)."""
+    runtime.initialize(sequence_parallel=world, backend="gloo")
+    try:
+        model = patched_model(zoo.resolve(name), overrides)
+        row = runtime.build_packed_row(documents(model.config.vocab_size))
+        local = runtime.shard_for_sequence_parallel(row, runtime.gpc.get_local_rank(runtime.ParallelMode.TENSOR), world)
+        with runtime.packed_batch(local["cu_seqlens"], local["max_seqlen"]):
+            logits = model(input_ids=local["input_ids"], position_ids=local["position_ids"]).logits
+        loss = runtime.causal_lm_loss(logits, local["labels"])
+        loss.backward()
+        grads = {}
+        for key, param in model.named_parameters():
+            torch.distributed.all_reduce(param.grad)  # ISP ranks hold partial sums of the replicated weights' grads
+            grads[key] = param.grad
+        return runtime.global_loss(loss), logits.detach()[0], (grads if rank == 0 else None)
+    finally:
+        runtime.destroy()
+
+
+def check_isp_equals_single_process(port: Port, sp: int, overrides: dict) -> None:
+    patched = patched_model(port.entry, overrides)
+    row = runtime.build_packed_row(documents(patched.config.vocab_size))
+    logits = _packed_logits(patched, row)
+    loss = runtime.causal_lm_loss(logits, row.labels)
+    loss.backward()
+    results = run_distributed(isp_rank, sp, port.entry.name, overrides)
+    isp_logits = torch.cat([local for _, local, _ in results])[: row.input_ids.numel()]  # drop the padding
+    torch.testing.assert_close(isp_logits, logits.detach(), atol=ATOL, rtol=0)
+    for isp_loss, _, _ in results:
+        assert abs(isp_loss - loss.item()) < ATOL
+    grads = results[0][2]
+    for name, param in patched.named_parameters():
+        torch.testing.assert_close(grads[name], param.grad, atol=ATOL, rtol=0, msg=name)
+
+
+def _cli(*args: str, ok: bool = True):
+    result = CliRunner().invoke(cli, list(args))
+    if ok:
+        assert result.exit_code == 0, result.output
+    return result
+
+
+def check_patch_roundtrip(name: str, tmp_path: Path) -> None:
+    """`hfpatch check` is clean; GNU patch and `hfpatch apply` give the same bytes (the header's post-image);
+    applying twice is a no-op; revert is byte-exact; the internevo engine renders, compiles and reverts."""
+    entry = zoo.resolve(name)
+    _cli("sync", name)  # the port's pristine source is copied beside it, like an upstream file
+    target = entry.directory / entry.patch_target
+    patch_path = zoo.patch_file(entry)
+    pristine = target.read_bytes()
+    assert sha256(pristine) == entry.upstream.files[entry.patch_target]
+    header = actions.patch_header(patch_path.read_text())
+    assert header["pre-image-sha256"] == sha256(pristine)
+    for line in engines.ENGINE_IMPORTS[engines.DEFAULT_ENGINE]:  # exactly once each, so engines can rewrite them
+        assert patch_path.read_text().split("\n").count(f"+{line}") == 1
+
+    _cli("check", name)
+    gnu = tmp_path / "gnu"
+    gnu.mkdir()
+    shutil.copy(target, gnu / entry.patch_target)
+    dry = subprocess.run(["patch", "--dry-run", "--fuzz=0", "--batch", entry.patch_target, str(patch_path)], cwd=gnu,
+                         capture_output=True, text=True)
+    assert dry.returncode == 0 and (gnu / entry.patch_target).read_bytes() == pristine, dry.stdout + dry.stderr
+    done = subprocess.run(["patch", "--fuzz=0", "--batch", "-s", entry.patch_target, str(patch_path)], cwd=gnu,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+    assert "patched" in _cli("apply", name).output
+    patched = target.read_bytes()
+    assert patched == (gnu / entry.patch_target).read_bytes()
+    assert sha256(patched) == header["post-image-sha256"]
+    assert "already patched" in _cli("apply", name).output and target.read_bytes() == patched
+    assert "patched" in _cli("status", name).output
+    _cli("revert", name)
+    assert target.read_bytes() == pristine
+
+    _cli("apply", name, "--engine", "internevo")
+    text = target.read_text()
+    for line in engines.ENGINE_IMPORTS["internevo"]:
+        assert f"\n{line}\n" in text
+    assert "hfpatch.runtime" not in text
+    compile(text, str(target), "exec")
+    _cli("revert", name)
+    assert target.read_bytes() == pristine
+
+
+def check_reset_parameters(port: Port, overrides: dict, input_proj: str, scaled: tuple[str, ...],
+                           embedding: str, head: str) -> None:
+    """InternEvo's init: normal(std) for embeddings, input projections and the head; std/sqrt(2(l+1)) for
+    output projections and the feed-forward of layer l; biases zero."""
+    std = 0.05
+    model = port.patched(port.patched.config_class(**config_values(port.entry, overrides)))
+    model.reset_parameters(std)
+    params = dict(model.named_parameters())
+
+    def close(key, expected):
+        actual = params[key].std().item()
+        assert abs(actual - expected) < 0.1 * expected, (key, actual, expected)
+
+    close(embedding, std)
+    close(head, std)
+    for layer in range(model.config.num_hidden_layers):
+        prefix = f"model.layers.{layer}."
+        close(prefix + input_proj, std)
+        for key in scaled:
+            close(prefix + key, std / (2 * (layer + 1)) ** 0.5)
+    biases = [p for key, p in params.items() if key.endswith("bias")]
+    assert all(torch.count_nonzero(p) == 0 for p in biases)
+
+
+# --------------------------------------------------------------------------- InternLM2
+
+
+def internlm2_shapes(config) -> dict:
+    """The official internlm/internlm2-7b tensor names and shapes (modeling_internlm2.py on the hub)."""
+    h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    heads, kv = config.num_attention_heads, config.num_key_value_heads
+    d = h // heads
+    shapes = {"model.tok_embeddings.weight": (v, h)}
+    for n in range(config.num_hidden_layers):
+        p = f"model.layers.{n}."
+        shapes[p + "attention.wqkv.weight"] = ((heads + 2 * kv) * d, h)
+        if config.bias:
+            shapes[p + "attention.wqkv.bias"] = ((heads + 2 * kv) * d,)
+        shapes[p + "attention.wo.weight"] = (h, heads * d)
+        if config.bias:
+            shapes[p + "attention.wo.bias"] = (h,)
+        shapes[p + "feed_forward.w1.weight"] = (i, h)
+        shapes[p + "feed_forward.w3.weight"] = (i, h)
+        shapes[p + "feed_forward.w2.weight"] = (h, i)
+        shapes[p + "attention_norm.weight"] = (h,)
+        shapes[p + "ffn_norm.weight"] = (h,)
+    shapes["model.norm.weight"] = (h,)
+    shapes["output.weight"] = (v, h)
+    return shapes
+
+
+def internlm2_to_llama(sd: dict, config) -> dict:
+    """Split the grouped wqkv -- per kv head: its q_per_kv query heads, one key head, one value head --
+    into Llama's q/k/v projections (query head j*q_per_kv + r belongs to kv head j in both layouts)."""
+    heads, kv = config.num_attention_heads, config.num_key_value_heads
+    d, group = config.hidden_size // heads, heads // kv
+    out = {
+        "model.embed_tokens.weight": sd["model.tok_embeddings.weight"],
+        "model.norm.weight": sd["model.norm.weight"],
+        "lm_head.weight": sd["output.weight"],
+    }
+    for n in range(config.num_hidden_layers):
+        src, dst = f"model.layers.{n}.", f"model.layers.{n}."
+        for suffix in ("weight", "bias") if config.bias else ("weight",):
+            packed = sd[f"{src}attention.wqkv.{suffix}"]
+            grouped = packed.reshape(kv, group + 2, d, -1)
+            parts = {"q_proj": grouped[:, :group], "k_proj": grouped[:, group], "v_proj": grouped[:, group + 1]}
+            for proj, tensor in parts.items():
+                tensor = tensor.reshape(-1, packed.shape[-1]) if suffix == "weight" else tensor.reshape(-1)
+                out[f"{dst}self_attn.{proj}.{suffix}"] = tensor
+            out[f"{dst}self_attn.o_proj.{suffix}"] = sd[f"{src}attention.wo.{suffix}"]
+        out[dst + "mlp.gate_proj.weight"] = sd[src + "feed_forward.w1.weight"]
+        out[dst + "mlp.up_proj.weight"] = sd[src + "feed_forward.w3.weight"]
+        out[dst + "mlp.down_proj.weight"] = sd[src + "feed_forward.w2.weight"]
+        out[dst + "input_layernorm.weight"] = sd[src + "attention_norm.weight"]
+        out[dst + "post_attention_layernorm.weight"] = sd[src + "ffn_norm.weight"]
+    return out
+
+
+def internlm2_llama_config(config) -> transformers.LlamaConfig:
+    return transformers.LlamaConfig(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads, hidden_act=config.hidden_act,
+        max_position_embeddings=config.max_position_embeddings, rms_norm_eps=config.rms_norm_eps,
+        rope_parameters=dict(config.rope_parameters), attention_bias=config.bias, mlp_bias=False,
+        pad_token_id=config.pad_token_id, tie_word_embeddings=False,
+    )
+
+
+def internlm2_config_json(config) -> dict:
+    """internlm/internlm2-7b's config.json keys (values of the tiny config where they are sizes)."""
+    return {
+        "architectures": ["InternLM2ForCausalLM"],
+        "attn_implementation": "eager",
+        "auto_map": {
+            "AutoConfig": "configuration_internlm2.InternLM2Config",
+            "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM",
+            "AutoModel": "modeling_internlm2.InternLM2ForCausalLM",
+        },
+        "bias": config.bias,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "hidden_act": "silu",
+        "hidden_size": config.hidden_size,
+        "initializer_range": 0.02,
+        "intermediate_size": config.intermediate_size,
+        "max_position_embeddings": config.max_position_embeddings,
+        "model_type": "internlm2",
+        "num_attention_heads": config.num_attention_heads,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_key_value_heads": config.num_key_value_heads,
+        "pad_token_id": 2,
+        "pretraining_tp": 1,
+        "rms_norm_eps": 1e-05,
+        "rope_scaling": None,
+        "rope_theta": 1000000,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.33.2",
+        "use_cache": True,
+        "vocab_size": config.vocab_size,
+    }
+
+
+INTERNLM2 = PortCase("internlm2", internlm2_shapes, internlm2_to_llama, internlm2_llama_config, internlm2_config_json)
+
+
+@pytest.fixture
+def port(zoo_copy, tmp_path):
+    return load_port("internlm2", tmp_path)
+
+
+@pytest.mark.parametrize("overrides", [
+    {},  # the manifest's tiny config: GQA, 4 query heads over 2 kv heads, no bias
+    {"num_key_value_heads": 4, "bias": True},  # MHA, biases on wqkv and wo
+    {"num_key_value_heads": 1},  # MQA
+    {"rope_scaling": {"type": "dynamic", "factor": 2.0}, "max_position_embeddings": 8},  # hub-style NTK scaling, in use
+], ids=["gqa", "mha-bias", "mqa", "dynamic-rope"])
+def test_port_equals_transformers_llama_after_relayout(port, overrides):
+    check_matches_llama(INTERNLM2, port, overrides)
+
+
+def test_official_checkpoint_dir_loads_with_no_missing_or_unexpected_keys(port, tmp_path):
+    check_from_pretrained_official_checkpoint(INTERNLM2, port, tmp_path)
+
+
+def test_no_runtime_patched_equals_unpatched_forward_backward_generate(port):
+    check_no_runtime_patched_equals_unpatched(port, {"bias": True})
+
+
+@pytest.mark.parametrize("positions", ["restart per document", "continue across the pack"])
+def test_packed_equals_each_document_alone(port, positions):
+    check_packed_equals_documents_alone(port, positions, {"bias": True})
+
+
+def test_one_segment_over_the_pack_would_leak(port):
+    check_one_segment_would_leak(port)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"num_key_value_heads": 1}], ids=["kv2", "mqa-replicated"])
+def test_isp_sp2_equals_single_process(port, overrides):
+    check_isp_equals_single_process(port, 2, overrides)
+
+
+def test_reset_parameters_is_internevo_init(port):
+    check_reset_parameters(port, {"bias": True}, "attention.wqkv.weight",
+                           ("attention.wo.weight", "feed_forward.w1.weight", "feed_forward.w3.weight",
+                            "feed_forward.w2.weight"), "model.tok_embeddings.weight", "output.weight")
+
+
+def test_patch_gnu_parity_apply_revert_byte_exact(zoo_copy, tmp_path):
+    check_patch_roundtrip("internlm2", tmp_path)
