@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from hfpatch import actions, drift as drift_, engines, patching, upstream, zoo
+from hfpatch.train.command import train
 
 USER_ERRORS = (actions.ActionError, zoo.ZooError, patching.PatchError, upstream.UpstreamError, engines.EngineError,
                drift_.DriftError)
@@ -201,6 +202,8 @@ def refresh(model, version, force):
         raise SystemExit(1)
     click.echo(f"candidate patch written to {result.candidate}; review it, then rename it to drop .candidate")
 
+
+main.add_command(train)
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,152 @@
+"""Build the patched model for a zoo entry: its config, weights and dtype.
+
+Every zoo model goes through the same two calls: ``modeling.model_class`` (the
+patched transformers class) and ``modeling.tiny_config`` (the manifest's tiny
+config), so a newly patched zoo entry trains without trainer changes.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from hfpatch import modeling, zoo
+
+from .cache import file_lock
+from .config import TrainConfig
+from .errors import ConfigError, DataError, TrainError
+
+PARAM_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+
+
+def resolve_entry(name: str) -> zoo.Entry:
+    entry = zoo.resolve(name)
+    if not entry.has_patch:
+        raise TrainError(f"{entry.name} has no patch yet, so it cannot train packed/ISP; models with a patch: {', '.join(patched_models())}")
+    return entry
+
+
+def patched_models() -> list[str]:
+    return [e.name for e in zoo.load_zoo() if e.has_patch]
+
+
+def model_class(entry: zoo.Entry) -> type:
+    """The patched class; a file lock keeps concurrent ranks from syncing/patching at once."""
+    with file_lock(str(entry.directory.resolve())):
+        return modeling.model_class(entry)
+
+
+def tiny_config(entry: zoo.Entry, **overrides):
+    with file_lock(str(entry.directory.resolve())):
+        return modeling.tiny_config(entry, **overrides)
+
+
+def param_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """Stored parameter dtype. 'auto' keeps float32 master weights (see compute_dtype)."""
+    return torch.float32 if dtype == "auto" else PARAM_DTYPES[dtype]
+
+
+def compute_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
+    """bf16 compute over float32 weights for 'auto' on GPU, via FSDP2 mixed precision.
+
+    Not autocast: under autocast RoPE promotes q/k back to float32, and the varlen
+    kernels (flash-attn, torch varlen_attn) then refuse them.
+    """
+    return torch.bfloat16 if dtype == "auto" and device.type == "cuda" else None
+
+
+def _check_override_keys(config, overrides: Mapping[str, Any], source: str) -> None:
+    known = set(config.to_dict())
+    for key in overrides:
+        if key not in known and not hasattr(config, key):
+            close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+            hint = f"; did you mean model.{close[0]}?" if close else ""
+            raise ConfigError(f"unknown config key 'model.{key}': not a setting of the {source} config{hint}")
+
+
+def model_config(entry: zoo.Entry, cfg: TrainConfig, vocab_size: int | None, special_ids: Mapping[str, int | None] | None = None):
+    """The transformers config the run trains: tiny (from the manifest) or ``model_path``'s.
+
+    ``special_ids`` (bos/eos/pad token ids of the run's tokenizer) replace the tiny
+    config's placeholders, so an exported model generates with the right stop token.
+    """
+    overrides = cfg.model_overrides
+    if cfg.model_path:
+        config = _pretrained_config(model_class(entry), cfg.model_path)
+        _check_override_keys(config, overrides, str(cfg.model_path))
+        for key, value in overrides.items():
+            setattr(config, key, value)
+        if vocab_size is not None and vocab_size > config.vocab_size:
+            raise DataError(
+                f"the tokenizer has {vocab_size} tokens but the model at {cfg.model_path} has vocab_size={config.vocab_size}; "
+                f"use the model's own tokenizer (--tokenizer DIR)"
+            )
+    else:
+        _check_override_keys(tiny_config(entry), overrides, f"{entry.name} tiny")
+        values: dict[str, Any] = dict(special_ids or {})
+        if vocab_size is not None:
+            values["vocab_size"] = vocab_size
+        # Overrides go through the constructor so derived fields (head_dim...) follow them.
+        values.update(overrides)
+        # Positions restart in every document, so seq_len bounds them.
+        longest = max(entry.test_config.get("max_position_embeddings", 0), cfg.seq_len)
+        values.setdefault("max_position_embeddings", longest)
+        config = tiny_config(entry, **values)
+        if vocab_size is not None and vocab_size > config.vocab_size:
+            raise DataError(
+                f"the tokenizer has {vocab_size} tokens but model.vocab_size={config.vocab_size}; "
+                f"raise model.vocab_size or drop the override"
+            )
+    check_heads(config, cfg.sp)
+    config.use_cache = False
+    return config
+
+
+def _pretrained_config(cls: type, path: str):
+    if not Path(path, "config.json").exists():
+        raise TrainError(f"--model-path {path} is not an HF checkpoint dir (no config.json)")
+    try:
+        # The patched class's own config class: works for first-party ports too,
+        # whose checkpoints otherwise need trust_remote_code.
+        return cls.config_class.from_pretrained(path, local_files_only=True)
+    except Exception as exc:
+        raise TrainError(f"cannot read the config in {path}: {str(exc).splitlines()[0]}") from None
+
+
+def check_heads(config, sp: int) -> None:
+    heads = getattr(config, "num_attention_heads", None)
+    if heads is not None and heads % sp:
+        raise ConfigError(f"num_attention_heads={heads} is not divisible by the sequence parallel size {sp} (--sp)")
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    if kv_heads is not None and kv_heads % sp and sp % kv_heads:
+        raise ConfigError(f"num_key_value_heads={kv_heads} must divide or be a multiple of --sp {sp}")
+
+
+def build_model(entry: zoo.Entry, cfg: TrainConfig, config, device: torch.device) -> torch.nn.Module:
+    """Weights from ``model_path`` or a seeded random init (identical on every rank)."""
+    cls = model_class(entry)
+    dtype = param_dtype(cfg.dtype, device)
+    if cfg.model_path:
+        try:
+            model = cls.from_pretrained(cfg.model_path, config=config, dtype=dtype, local_files_only=True)
+        except Exception as exc:
+            raise TrainError(f"cannot load weights from {cfg.model_path}: {str(exc).splitlines()[0]}") from None
+    else:
+        torch.manual_seed(cfg.seed)
+        model = cls(config)
+        if hasattr(model, "reset_parameters"):
+            model.reset_parameters(cfg.init_std)
+        model = model.to(dtype)
+    return model.to(device).train()
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(all parameters, parameters outside the input embedding) -- the latter for FLOPs."""
+    total = sum(p.numel() for p in model.parameters())
+    embedding = model.get_input_embeddings().weight.numel() if hasattr(model, "get_input_embeddings") else 0
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    # A tied lm_head shares the embedding tensor but still does a full matmul.
+    return total, total - embedding + (embedding if tied else 0)

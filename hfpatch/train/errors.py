@@ -1,0 +1,17 @@
+"""Errors the trainer reports as one line (``error: ...``) instead of a traceback."""
+
+
+class TrainError(Exception):
+    """A problem the user can fix: bad config, bad data, bad launch."""
+
+
+class ConfigError(TrainError):
+    """A config file or option that does not validate."""
+
+
+class DataError(TrainError):
+    """Training data or tokenizer that cannot be used."""
+
+
+class NonFiniteLossError(TrainError):
+    """The loss or gradient norm became NaN/inf; the run stopped before the update."""

@@ -1,0 +1,74 @@
+"""Export the trained weights as a plain Hugging Face checkpoint (safetensors).
+
+The weights are gathered to full tensors (FSDP2 shards included), loaded into the
+STOCK transformers class for the config -- not the patched one -- and saved with
+``save_pretrained``, so ``AutoModelForCausalLM.from_pretrained`` loads the
+result without hfpatch installed. The tokenizer is saved beside it. Models that
+transformers does not ship (first-party ports) are saved with the patched class;
+loading those needs hfpatch.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from .tokenizer import TextTokenizer
+
+
+def export_hf(model: torch.nn.Module, tokenizer: TextTokenizer, directory: str | Path, *, rank: int) -> Path:
+    """Collective (every rank gathers); rank 0 writes ``directory`` atomically."""
+    directory = Path(directory)
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        _write(model, full, tokenizer, directory)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+    return directory
+
+
+def _unwrapped_class(model: torch.nn.Module) -> type:
+    # FSDP2 swaps in a generated subclass; save the model's real class.
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+
+
+def stock_class(config) -> type | None:
+    """transformers' own causal-LM class for this config, or None (not shipped by transformers)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM._model_mapping[type(config)]
+    except KeyError:
+        return None
+
+
+def _write(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], tokenizer: TextTokenizer, directory: Path) -> None:
+    config = copy.deepcopy(model.config)
+    config.use_cache = True  # training turned the KV cache off; inference wants it
+    config.dtype = next(iter(state_dict.values())).dtype
+    cls = stock_class(config) or _unwrapped_class(model)
+    # Built on the meta device: no random init, the real tensors are assigned below.
+    with torch.device("meta"):
+        stock = cls(config)
+    stock.load_state_dict(state_dict, strict=True, assign=True)
+    stock.tie_weights()
+    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    stock.save_pretrained(str(tmp), safe_serialization=True)
+    tokenizer.save(tmp)
+    if directory.exists():
+        old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+        directory.rename(old)
+        tmp.rename(directory)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp.rename(directory)

@@ -1,0 +1,255 @@
+"""The training loop: set up the run from a TrainConfig, train, checkpoint, export.
+
+``run_training`` is what every launched process calls (one process, or each
+torchrun worker). ``preflight`` repeats the cheap checks for the ``--nproc``
+parent so that bad input fails once, before any worker starts.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hfpatch.runtime import ParallelMode, current_device, gpc, parallel_context, resolve_backend
+
+from . import faults
+from .batches import packed_micro_batch, padded_micro_batch, step_stats
+from .build import build_model, compute_dtype, count_parameters, model_config, param_dtype, resolve_entry
+from .checkpoint import CheckpointManager, find_checkpoint
+from .config import TrainConfig, check_world_size
+from .data import check_vocab, load_dataset
+from .dataset import RowStream
+from .errors import ConfigError, DataError, NonFiniteLossError, TrainError
+from .export import export_hf
+from .launch import attempt_scoped_process_group, world_info
+from .metrics import MetricsLog, RunSummary, peak_flops, plot_loss, read_metrics, step_flops
+from .optim import build_optimizer, build_scheduler
+from .parallelize import parallelize
+from .progress import Progress
+from .step import train_step
+
+
+def preflight(cfg: TrainConfig, world: int) -> None:
+    """Checks that need no process group: sizes, model name, paths, model overrides."""
+    check_world_size(cfg, world)
+    entry = resolve_entry(cfg.model_name)
+    for label, path in (("--data", cfg.data_path), ("--tokenizer", cfg.tokenizer_path), ("--model-path", cfg.model_path)):
+        if path and not Path(path).exists():
+            raise (DataError if label != "--model-path" else TrainError)(f"{label} {path} does not exist")
+    model_config(entry, cfg, vocab_size=None)
+    _check_resume_option(cfg)
+
+
+def _check_resume_option(cfg: TrainConfig) -> None:
+    if cfg.resume not in ("auto", "never") and not Path(cfg.resume).exists():
+        raise ConfigError(f"--resume must be auto, never or an existing checkpoint path; {cfg.resume} does not exist")
+
+
+def run_training(cfg: TrainConfig) -> RunSummary:
+    info = world_info()
+    check_world_size(cfg, info.world)
+    entry = resolve_entry(cfg.model_name)
+    _check_resume_option(cfg)
+    with attempt_scoped_process_group(), parallel_context(sequence_parallel=cfg.sp, weight_parallel=cfg.wp):
+        return _Trainer(cfg, entry).run()
+
+
+@dataclass
+class _State:
+    """What a checkpoint must restore besides tensors."""
+
+    step: int = 0
+    rows_consumed: int = 0
+    tokens_seen: int = 0
+
+
+class _Trainer:
+    def __init__(self, cfg: TrainConfig, entry) -> None:
+        self.cfg = cfg
+        self.entry = entry
+        self.rank = gpc.get_global_rank()
+        self.world = gpc.get_world_size(ParallelMode.GLOBAL)
+        self.dp_rank, self.dp = gpc.get_local_rank(ParallelMode.DATA), gpc.get_world_size(ParallelMode.DATA)
+        self.sp_rank, self.sp = gpc.get_local_rank(ParallelMode.TENSOR), gpc.get_world_size(ParallelMode.TENSOR)
+        self.device = current_device()
+        self.is_main = self.rank == 0
+        self.run_dir = cfg.run_dir
+        self.state = _State()
+
+    # -- setup ------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.tokenizer, self.dataset, self.source = load_dataset(cfg, self.rank)
+        self.config = model_config(self.entry, cfg, self.tokenizer.vocab_size, self.tokenizer.special_ids)
+        check_vocab(self.dataset, self.config.vocab_size, self.source)
+        model = build_model(self.entry, cfg, self.config, self.device)
+        self.params, self.matmul_params = count_parameters(model)
+        self.model = parallelize(
+            model, world=self.world, activation_checkpointing=cfg.activation_checkpointing,
+            compute_dtype=compute_dtype(cfg.dtype, self.device),
+        )
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg)
+        self.stream = RowStream(len(self.dataset.rows), cfg.seed)
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.keep_checkpoints, self.rank)
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", self.is_main)
+        self.peak = peak_flops(self.device)
+
+    def describe(self) -> str:
+        cfg, data = self.cfg, self.dataset
+        return (
+            f"hfpatch train {self.entry.name}: {self.params / 1e6:.2f}M params "
+            f"({self.config.num_hidden_layers} layers, hidden {self.config.hidden_size}, vocab {self.config.vocab_size}), "
+            f"world {self.world} = dp {self.dp} x sp {self.sp}, wp {cfg.wp}, device {self.device.type}, "
+            f"attention {self.attention_backend()}\n"
+            f"data: {self.source}: {data.num_documents} documents, {data.num_tokens:,} tokens -> {len(data.rows)} rows "
+            f"of {data.seq_len} ({'packed' if cfg.packed else 'padded batches'}; packing efficiency {data.efficiency:.1%}); "
+            f"tokenizer: {self.tokenizer.source}\n"
+            f"{self.rows_per_step * data.seq_len:,} token slots per step (micro_num {cfg.micro_num} x micro_bsz {cfg.micro_bsz} "
+            f"x dp {self.dp} x seq_len {data.seq_len}); run dir {self.run_dir}"
+        )
+
+    def attention_backend(self) -> str:
+        """The varlen backend the runtime picks for this run's q dtype."""
+        dtype = compute_dtype(self.cfg.dtype, self.device) or param_dtype(self.cfg.dtype, self.device)
+        return resolve_backend(None, torch.empty(1, 1, 8, device=self.device, dtype=dtype))
+
+    @property
+    def rows_per_step(self) -> int:
+        return self.dp * self.cfg.micro_num * self.cfg.micro_bsz
+
+    # -- resume -----------------------------------------------------------------------
+
+    def resume(self) -> str | None:
+        cfg = self.cfg
+        if cfg.resume == "never":
+            if self.checkpoints.latest() is not None:
+                raise ConfigError(f"{self.checkpoints.root} already holds checkpoints; use --resume auto to continue, or another --out")
+            return None
+        self.checkpoints.clean_partial()
+        path = self.checkpoints.latest() if cfg.resume == "auto" else find_checkpoint(Path(cfg.resume))
+        if path is None:
+            return None
+        saved = CheckpointManager.load(path, self.model, self.optimizer, rank=self.rank, world=self.world)
+        if saved["dataset_fingerprint"] != self.dataset.fingerprint:
+            raise ConfigError(
+                f"checkpoint {path} was trained on different data or seq_len; resume with the same data, or use another --out"
+            )
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.state = _State(step=saved["step"], rows_consumed=saved["rows_consumed"], tokens_seen=saved["tokens_seen"])
+        return str(path)
+
+    def trainer_state(self) -> dict[str, Any]:
+        return {
+            "step": self.state.step, "rows_consumed": self.state.rows_consumed, "tokens_seen": self.state.tokens_seen,
+            "dataset_fingerprint": self.dataset.fingerprint, "scheduler": self.scheduler.state_dict(),
+            "model": self.entry.name, "world_size": self.world, "sp": self.sp, "wp": self.cfg.wp,
+        }
+
+    def save(self) -> Path:
+        return self.checkpoints.save(self.state.step, self.model, self.optimizer, self.trainer_state())
+
+    # -- the loop ---------------------------------------------------------------------
+
+    def micro_batches(self, rows: list[int]) -> list[dict]:
+        cfg = self.cfg
+        mine = rows[self.dp_rank * cfg.micro_num * cfg.micro_bsz : (self.dp_rank + 1) * cfg.micro_num * cfg.micro_bsz]
+        make = packed_micro_batch if cfg.packed else padded_micro_batch
+        return [
+            make([self.dataset.rows[i] for i in mine[m * cfg.micro_bsz : (m + 1) * cfg.micro_bsz]], self.sp_rank, self.sp, self.tokenizer.pad_id)
+            for m in range(cfg.micro_num)
+        ]
+
+    def one_step(self) -> dict[str, Any]:
+        cfg, state = self.cfg, self.state
+        step = state.step + 1
+        rows = self.stream.take(state.rows_consumed, self.rows_per_step)
+        stats = step_stats([self.dataset.rows[i] for i in rows])
+        started = time.perf_counter()
+        result = train_step(
+            self.model, self.optimizer, self.scheduler, self.micro_batches(rows),
+            num_targets=stats.targets, packed=cfg.packed, device=self.device,
+            clip_grad_norm=float(cfg.clip_grad_norm), step=step, rank=self.rank,
+        )
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed = time.perf_counter() - started
+        state.step, state.rows_consumed = step, state.rows_consumed + len(rows)
+        state.tokens_seen += stats.real_tokens
+        record = {
+            "step": step, "loss": result.loss, "grad_norm": result.grad_norm, "lr": result.lr,
+            "tokens": stats.real_tokens, "tokens_per_s": stats.real_tokens / elapsed, "packing_efficiency": stats.efficiency,
+            "step_time_s": elapsed, "epoch": round(self.stream.epoch_of(state.rows_consumed), 4),
+        }
+        if self.peak:
+            flops = step_flops(self.matmul_params, self.config.num_hidden_layers, self.config.hidden_size, stats)
+            record["mfu"] = flops / (elapsed * self.world * self.peak)
+        return record
+
+    def run(self) -> RunSummary:
+        started = time.perf_counter()
+        self.setup()
+        progress = Progress(enabled=self.is_main, total=self.cfg.total_steps, every=self.cfg.log_every)
+        progress.log(self.describe())
+        resumed_from = self.resume()
+        if resumed_from:
+            progress.log(f"resumed from {resumed_from} (step {self.state.step})")
+        self.metrics.start(self.state.step)
+        self.write_run_config()
+        progress.begin(self.state.step)
+        try:
+            records = self.train(progress)
+        finally:
+            progress.close()
+        return self.finish(records, resumed_from, time.perf_counter() - started)
+
+    def write_run_config(self) -> None:
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            resolved = {"model": self.cfg.model_name, **self.cfg.tree}
+            (self.run_dir / "config.json").write_text(json.dumps(resolved, indent=2, default=str))
+
+    def train(self, progress: Progress) -> list[dict[str, Any]]:
+        """Steps up to total_steps, checkpointing on schedule and at the end."""
+        cfg = self.cfg
+        records, saved_step = [], self.state.step
+        while self.state.step < cfg.total_steps:
+            try:
+                record = self.one_step()
+            except NonFiniteLossError as exc:
+                latest = self.checkpoints.latest()
+                kept = f"the last good checkpoint is {latest}" if latest else "no checkpoint was saved before it"
+                raise NonFiniteLossError(f"{exc}; stopped before updating the weights, {kept}") from None
+            self.metrics.write(record)
+            records.append(record)
+            progress.update(record)
+            faults.maybe_crash(self.state.step, self.rank, "step")
+            if cfg.checkpoint_every and self.state.step % cfg.checkpoint_every == 0:
+                self.save()
+                saved_step = self.state.step
+        if saved_step != self.state.step:
+            self.save()
+        return records
+
+    def finish(self, records: list[dict[str, Any]], resumed_from: str | None, wall_s: float) -> RunSummary:
+        """Export, plot, and the summary."""
+        cfg = self.cfg
+        exported = str(export_hf(self.model, self.tokenizer, cfg.export, rank=self.rank)) if cfg.export else None
+        paths = {"metrics": str(self.metrics.path)}
+        if self.is_main:
+            plot = plot_loss(read_metrics(self.metrics.path), self.run_dir / "loss.png", f"{self.entry.name}: training loss")
+            if plot:
+                paths["loss plot"] = str(plot)
+        latest = self.checkpoints.latest()
+        return RunSummary(
+            model=self.entry.name,
+            layout=f"world {self.world} = dp {self.dp} x sp {self.sp}, wp {cfg.wp}, {'packed' if cfg.packed else 'padded'}",
+            records=records, final_step=self.state.step, total_steps=cfg.total_steps, wall_s=wall_s,
+            resumed_from=resumed_from, checkpoint=str(latest) if latest else None, export=exported, paths=paths,
+        )

@@ -1,0 +1,42 @@
+"""Wrap the model for the run: activation checkpointing and FSDP2 weight sharding."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
+
+from hfpatch.runtime import apply_weight_parallel
+
+
+def parallelize(
+    model: torch.nn.Module, *, world: int, activation_checkpointing: bool, compute_dtype: torch.dtype | None = None,
+) -> torch.nn.Module:
+    """FSDP2 whenever there is more than one rank or mixed precision is wanted (one GPU too)."""
+    if activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if world > 1 or compute_dtype is not None:
+        # Every rank (ISP and data parallel alike) holds part of the gradient, and
+        # the loss is already normalised by the global token count: FSDP2 sums.
+        policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype else None
+        apply_weight_parallel(model, mp_policy=policy)
+        if dist.get_backend() == "gloo":
+            _force_sum_reductions(model)
+    return model
+
+
+def _force_sum_reductions(model: torch.nn.Module) -> None:
+    # gloo has no PREMUL_SUM, which FSDP2 picks for a divide factor of 1.
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_force_sum_reduction_for_comms(True)
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    return isinstance(model, FSDPModule)
+
+
+def set_gradient_sync(model: torch.nn.Module, enabled: bool) -> None:
+    """Skip FSDP2's reduce on all but the last micro-batch of an accumulation step."""
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(enabled)

@@ -1,0 +1,96 @@
+"""One optimizer step: micro-batches, token-weighted loss, backward, clip, update.
+
+Every micro-batch's loss is its token-loss sum over the step's GLOBAL target count
+(all micro-batches, all ISP and data-parallel ranks), so the summed gradients are
+those of the single-process mean loss, whatever sp / dp / micro_num are.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from hfpatch.runtime import ParallelMode, causal_lm_loss, clear_packed_batch, global_loss, gpc, set_packed_batch
+
+from . import faults
+from .errors import NonFiniteLossError
+from .parallelize import set_gradient_sync
+
+
+@dataclass(frozen=True)
+class StepResult:
+    loss: float
+    grad_norm: float
+    lr: float
+
+
+def _forward_inputs(batch: dict[str, Any], device: torch.device, router_aux: bool) -> dict[str, Any]:
+    inputs = {k: batch[k].to(device) for k in ("input_ids", "position_ids", "attention_mask") if k in batch}
+    if router_aux:
+        inputs["output_router_logits"] = True
+        if "token_mask" in batch:  # packed: the router statistics skip the pack's padding
+            inputs["attention_mask"] = batch["token_mask"].to(device)
+    return inputs
+
+
+def _router_aux_coef(model: torch.nn.Module) -> float:
+    """MoE load-balancing weight when the model's config enables it, else 0."""
+    config = getattr(model, "config", None)
+    if not getattr(config, "output_router_logits", False):
+        return 0.0
+    return float(getattr(config, "router_aux_loss_coef", 0.0))
+
+
+def _grad_norm(model: torch.nn.Module, max_norm: float) -> float:
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
+    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    micro_batches: Sequence[dict[str, Any]],
+    *,
+    num_targets: int,
+    packed: bool,
+    device: torch.device,
+    clip_grad_norm: float,
+    step: int,
+    rank: int,
+) -> StepResult:
+    lr = scheduler.get_last_lr()[0]
+    loss_sum = torch.zeros((), device=device)
+    aux_coef = _router_aux_coef(model)
+    # each pack's aux loss is a mean over that pack: average it over the step's packs on all data ranks
+    packs_per_step = len(micro_batches) * max(gpc.get_world_size(ParallelMode.DATA), 1)
+    for index, batch in enumerate(micro_batches):
+        set_gradient_sync(model, index == len(micro_batches) - 1)
+        if packed:
+            set_packed_batch(batch["cu_seqlens"], batch["max_seqlen"], device=device)
+        else:
+            clear_packed_batch()
+        output = model(**_forward_inputs(batch, device, aux_coef > 0))
+        loss = causal_lm_loss(output.logits, batch["labels"].to(device), num_valid_tokens=num_targets)
+        if aux_coef > 0 and output.aux_loss is not None:
+            loss = loss + aux_coef * output.aux_loss / packs_per_step
+        loss = faults.maybe_poison(loss, step, rank)
+        loss.backward()
+        loss_sum += loss.detach().float()
+    clear_packed_batch()
+    loss_value = global_loss(loss_sum)
+    grad_norm = _grad_norm(model, clip_grad_norm)
+    if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+        optimizer.zero_grad(set_to_none=True)
+        what = "loss" if not math.isfinite(loss_value) else "gradient norm"
+        raise NonFiniteLossError(f"{what} is {loss_value if what == 'loss' else grad_norm} at step {step}")
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss=loss_value, grad_norm=grad_norm, lr=lr)
