@@ -34,12 +34,20 @@ class PackedRow:
     def num_real_tokens(self) -> int:
         return sum(self.doc_lengths)
 
+    @property
+    def token_mask(self) -> torch.Tensor:
+        """1 on document tokens, 0 on the row's padding (documents come first)."""
+        mask = torch.zeros_like(self.input_ids)
+        mask[: self.num_real_tokens] = 1
+        return mask
+
     def as_batch(self) -> dict[str, Any]:
         """Model inputs with a batch dim of 1, as patched models expect."""
         return {
             "input_ids": self.input_ids.unsqueeze(0),
             "position_ids": self.position_ids.unsqueeze(0),
             "labels": self.labels.unsqueeze(0),
+            "token_mask": self.token_mask.unsqueeze(0),
             "cu_seqlens": self.cu_seqlens,
             "max_seqlen": self.max_seqlen,
         }
@@ -176,6 +184,7 @@ def concat_rows(rows: Sequence[PackedRow]) -> dict[str, Any]:
         "input_ids": torch.cat([r.input_ids for r in rows]).unsqueeze(0),
         "position_ids": torch.cat([r.position_ids for r in rows]).unsqueeze(0),
         "labels": torch.cat([r.labels for r in rows]).unsqueeze(0),
+        "token_mask": torch.cat([r.token_mask for r in rows]).unsqueeze(0),
         "cu_seqlens": torch.tensor(bounds, dtype=torch.int32),
         "max_seqlen": max(r.max_seqlen for r in rows),
     }
@@ -212,6 +221,7 @@ def pad_documents(
 
 
 _SHARDED = ("input_ids", "position_ids", "labels")
+_SHARDED_OPTIONAL = ("token_mask",)  # 1 = document token, 0 = padding (MoE router statistics skip padding)
 
 
 def pad_pack_to_multiple(batch: Mapping[str, Any], multiple: int, *, pad_id: int = 0) -> dict[str, Any]:
@@ -228,6 +238,8 @@ def pad_pack_to_multiple(batch: Mapping[str, Any], multiple: int, *, pad_id: int
         "position_ids": torch.arange(extra, dtype=out["position_ids"].dtype).expand(*lead, extra),
         "labels": torch.full((*lead, extra), IGNORE_INDEX, dtype=out["labels"].dtype),
     }
+    if "token_mask" in out:
+        fill["token_mask"] = torch.zeros((*lead, extra), dtype=out["token_mask"].dtype)
     for key, tail in fill.items():
         out[key] = torch.cat([out[key], tail.to(out[key].device)], dim=-1)
     cu = out["cu_seqlens"]
@@ -257,6 +269,6 @@ def shard_for_sequence_parallel(
         raise ValueError(f"a pack has batch size 1, got input_ids shape {tuple(batch['input_ids'].shape)}")
     out = pad_pack_to_multiple(batch, sp_size, pad_id=pad_id)
     local = out["input_ids"].shape[-1] // sp_size
-    for key in _SHARDED:
+    for key in (*_SHARDED, *(k for k in _SHARDED_OPTIONAL if k in out)):
         out[key] = out[key][..., sp_rank * local : (sp_rank + 1) * local]
     return out
