@@ -146,8 +146,10 @@ def test_patched_file_imports_and_builds_a_model(zoo_copy):
     from hfpatch import modeling
 
     for entry in ready_entries():
-        model = modeling.model_class(entry)(modeling.tiny_config(entry))
+        model = modeling.build_model(entry)
         model.reset_parameters()
-        out = model(torch.tensor([[1, 2, 3]]))
-        assert out.logits.shape == (1, 3, model.config.vocab_size)
         assert "patched" == actions.file_state(entry, entry.patch_target).state
+        if entry.family == "diffusion-transformer":  # no logits: tests/test_flux_equivalence.py runs its forward
+            continue
+        out = model(torch.tensor([[1, 2, 3]]))
+        assert out.logits.shape == (1, 3, model.config.get_text_config().vocab_size)

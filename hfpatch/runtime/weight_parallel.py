@@ -24,6 +24,9 @@ def find_decoder_layers(model: nn.Module) -> list[nn.Module]:
     names = set(getattr(model, "_no_split_modules", None) or ())
     if names:
         layers = [m for m in model.modules() if type(m).__name__ in names]
+        # the outermost only: a model may name a block and a module inside it (Mamba: MambaBlock, MambaMixer)
+        inner = {id(sub) for layer in layers for sub in layer.modules() if sub is not layer}
+        layers = [m for m in layers if id(m) not in inner]
         if layers:
             return layers
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
