@@ -3,7 +3,6 @@
 Each zoo row is compared with transformers' own, unpatched class holding the same float64 weights.
 """
 
-import os
 
 import torch
 import transformers
@@ -71,9 +70,8 @@ def training_loss(model, batch: dict, mask: torch.Tensor, moe: bool):
     return loss, (out.aux_loss if moe else None), out
 
 
-def isp_worker(rank: int, world: int, port: int, sp: int, name: str, overrides: dict, queue) -> None:
+def isp_worker(rank: int, world: int, sp: int, name: str, overrides: dict):
     """One ISP rank: forward/backward its slice of the shared pack, send totals and summed grads to rank 0."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     runtime.initialize(sequence_parallel=sp, backend="gloo")
     try:
@@ -91,6 +89,6 @@ def isp_worker(rank: int, world: int, port: int, sp: int, name: str, overrides: 
             totals["aux"] = runtime.global_loss(aux)
             totals["model_loss"] = runtime.global_loss(out.loss)
         if rank == 0:
-            queue.put((totals, grads))
+            return (totals, grads)
     finally:
         runtime.destroy()

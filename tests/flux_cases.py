@@ -6,7 +6,6 @@ then its image tokens, one non-causal cu_seqlens segment; per-sample inputs (tim
 txt_seqlens) have one entry per segment; ISP ranks take contiguous slices of the pack.
 """
 
-import os
 
 import diffusers
 import torch
@@ -180,10 +179,9 @@ def shard_batch(batch: dict, rank: int, sp: int) -> dict:
     }
 
 
-def isp_worker(rank: int, world: int, port: int, queue) -> None:
+def isp_worker(rank: int, world: int):
     """One ISP rank: the packed and the unpacked (batched) layouts, forward and backward; rank 0 returns
     the gathered image-token outputs, the losses and the all-reduced grads."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     runtime.initialize(sequence_parallel=world, backend="gloo")
     try:
@@ -210,6 +208,6 @@ def isp_worker(rank: int, world: int, port: int, queue) -> None:
                 grads[key] = param.grad.numpy().copy()  # plain pickle: shared-memory tensors die with the worker
             results[layout] = (outs, runtime.global_loss(loss), grads)
         if rank == 0:
-            queue.put(results)
+            return results
     finally:
         runtime.destroy()

@@ -1,6 +1,5 @@
 """Shared pieces of the patched-Llama equivalence tests (also run inside gloo workers)."""
 
-import os
 
 import torch
 import transformers
@@ -30,9 +29,8 @@ def patched_and_reference(name: str = "llama2", seed: int = 0, **overrides):
     return patched, reference
 
 
-def isp_worker(rank: int, world: int, port: int, sp: int, name: str, overrides: dict, queue) -> None:
+def isp_worker(rank: int, world: int, sp: int, name: str, overrides: dict):
     """One ISP rank: forward/backward the shared pack, return loss and summed grads to rank 0."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     runtime.initialize(sequence_parallel=sp, backend="gloo")
     try:
@@ -49,6 +47,6 @@ def isp_worker(rank: int, world: int, port: int, sp: int, name: str, overrides: 
             grads[key] = param.grad.numpy()  # plain pickle: shared-memory tensors die with the worker
         total = runtime.global_loss(loss)
         if rank == 0:
-            queue.put((total, grads))
+            return (total, grads)
     finally:
         runtime.destroy()

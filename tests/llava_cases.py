@@ -6,7 +6,6 @@ image token per image feature, as transformers 5.x processors emit them) plus it
 
 import contextlib
 import copy
-import os
 from dataclasses import dataclass
 
 import torch
@@ -100,12 +99,11 @@ def unpacked_rows(config) -> dict:
             "pixel_values": torch.cat([s.pixel_values for s in rows])}
 
 
-def isp_worker(rank: int, world: int, port: int, sp: int, layout: str, overrides: dict, queue) -> None:
+def isp_worker(rank: int, world: int, sp: int, layout: str, overrides: dict):
     """One ISP rank: forward/backward its slice, return the loss, summed grads and gathered logits to rank 0.
 
     ``layout`` "packed": one packed row of ``samples`` (varlen attention); "rows": ``unpacked_rows``
     (batched attention, no pack published)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     runtime.initialize(sequence_parallel=sp, backend="gloo")
     try:
@@ -136,6 +134,6 @@ def isp_worker(rank: int, world: int, port: int, sp: int, layout: str, overrides
         torch.distributed.all_gather(pieces, logits.detach().contiguous())
         total = runtime.global_loss(loss)
         if rank == 0:
-            queue.put((total, grads, torch.cat(pieces, dim=1).numpy()))
+            return (total, grads, torch.cat(pieces, dim=1).numpy())
     finally:
         runtime.destroy()

@@ -1,6 +1,5 @@
 """Shared pieces of the patched-Mamba equivalence tests (also run inside gloo workers)."""
 
-import os
 
 import torch
 import transformers
@@ -64,9 +63,8 @@ def grad_tolerance(name: str, reference: torch.Tensor) -> dict:
     return {"atol": 1e-10, "rtol": 0}
 
 
-def isp_worker(rank: int, world: int, port: int, queue) -> None:
+def isp_worker(rank: int, world: int):
     """One ISP rank: every pack (and an unpacked batch) forward/backward; rank 0 returns the results."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     runtime.initialize(sequence_parallel=world, backend="gloo")
     try:
@@ -105,6 +103,6 @@ def isp_worker(rank: int, world: int, port: int, queue) -> None:
                 "grads": grads,
             }
         if rank == 0:
-            queue.put(results)
+            return results
     finally:
         runtime.destroy()

@@ -1,11 +1,8 @@
 """The patched Flux transformer against independent references: diffusers' unpatched model, each sample
 run alone, the single-process run."""
 
-import socket
-
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from hfpatch import actions, modeling, runtime
 from flux_cases import (
@@ -20,6 +17,7 @@ from flux_cases import (
     pack_samples,
     patched_and_reference,
 )
+from runtime_helpers import run_distributed
 
 ATOL = 1e-10
 
@@ -128,20 +126,8 @@ def test_reset_parameters_is_internevo_init():
     assert abs(scaled / (0.02 / (2 * depth) ** 0.5) - 1) < 0.1
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_isp(sp: int):
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    workers = mp.start_processes(isp_worker, args=(sp, _free_port(), queue), nprocs=sp, start_method="spawn",
-                                 join=False)
-    result = queue.get()  # read before joining: rank 0 blocks on a full pipe until then
-    workers.join()
-    return result
+    return run_distributed(isp_worker, sp)[0]
 
 
 def test_isp_sp2_equals_single_process_packed_and_batched():

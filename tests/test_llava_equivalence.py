@@ -2,17 +2,16 @@
 weights (each sample alone, and with the runtime off), and the single-process run for ISP."""
 
 import py_compile
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from click.testing import CliRunner
 
 from hfpatch import engines, runtime, zoo
 from hfpatch.cli import main
 from llava_cases import isp_worker, pack_llava_samples, patched_and_reference, sample_labels, samples, unpacked_rows
+from runtime_helpers import run_distributed
 
 ATOL = 1e-10
 
@@ -147,20 +146,8 @@ def test_activation_checkpointing_recomputes_on_the_pack():
         loss.backward()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_isp(sp: int, layout: str, overrides: dict):
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    workers = mp.start_processes(isp_worker, args=(sp, _free_port(), sp, layout, overrides, queue), nprocs=sp,
-                                 start_method="spawn", join=False)
-    result = queue.get()  # read before joining: rank 0 blocks on a full pipe until then
-    workers.join()
-    return result
+    return run_distributed(isp_worker, sp, sp, layout, overrides)[0]
 
 
 def _image_tokens_per_slice(input_ids, image_token_id, sp):

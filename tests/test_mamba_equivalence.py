@@ -1,11 +1,8 @@
 """The patched Mamba against independent references: the unpatched model, each document alone,
 the single-process run."""
 
-import socket
-
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from hfpatch import modeling, runtime, zoo
@@ -18,6 +15,7 @@ from mamba_cases import (
     patched_and_reference,
     unpacked_batch,
 )
+from runtime_helpers import run_distributed
 
 ATOL = 1e-10
 LEAK = 1e-6  # a leak or a missing hand-off moves the tiny model's logits by more than 1e4 x ATOL
@@ -150,24 +148,8 @@ def test_packed_forward_keeps_no_cache():
             patched(input_ids=row.input_ids[None], use_cache=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_isp(sp: int):
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    workers = mp.start_processes(isp_worker, args=(sp, _free_port(), queue), nprocs=sp, start_method="spawn",
-                                 join=False)
-    # read before joining (rank 0 blocks on a full pipe until then); a failed worker raises here, not a hang
-    while queue.empty() and not workers.join(timeout=1):
-        pass
-    assert not queue.empty(), "the ISP workers exited without a result"
-    result = queue.get()
-    workers.join()
-    return result
+    return run_distributed(isp_worker, sp)[0]
 
 
 def test_isp_equals_single_process():

@@ -1,16 +1,15 @@
 """The patched Mixtral (4 experts, top-2) against independent references: transformers' unpatched
 MixtralForCausalLM and its own load_balancing_loss_func, each document run alone, the single-process run."""
 
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 from decoder_cases import DOC_LENGTHS, documents, isp_worker, patched_and_reference, real_token_mask
 from hfpatch import runtime
+from runtime_helpers import run_distributed
 
 ATOL = 1e-10
 # transformers' cross entropy upcasts logits to float32 only, and its load_balancing_loss_func sums in
@@ -118,20 +117,8 @@ def test_total_loss_includes_the_aux_loss():
     assert patched.model.layers[0].mlp.gate.weight.grad.abs().max() > 1e-3
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_isp(sp: int, overrides: dict):
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    workers = mp.start_processes(isp_worker, args=(sp, _free_port(), sp, "mixtral", overrides, queue), nprocs=sp,
-                                 start_method="spawn", join=False)
-    result = queue.get()  # read before joining: rank 0 blocks on a full pipe until then
-    workers.join()
-    return result
+    return run_distributed(isp_worker, sp, sp, "mixtral", overrides)[0]
 
 
 def test_isp_sp2_equals_single_process_with_aux_loss():

@@ -1,15 +1,14 @@
 """The patched Qwen2 (q/k/v biases, optional sliding window) against independent references: transformers'
 unpatched Qwen2ForCausalLM, each document run alone, the single-process run."""
 
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from decoder_cases import DOC_LENGTHS, documents, isp_worker, patched_and_reference
 from hfpatch import runtime
+from runtime_helpers import run_distributed
 
 ATOL = 1e-10
 WINDOW = 4  # smaller than the longest document (19 tokens)
@@ -113,20 +112,8 @@ def test_packing_without_cu_seqlens_would_leak_across_documents():
     assert (leaky - ref_logits).abs().max() > 1e-3
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_isp(sp: int, overrides: dict):
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    workers = mp.start_processes(isp_worker, args=(sp, _free_port(), sp, "qwen2", overrides, queue), nprocs=sp,
-                                 start_method="spawn", join=False)
-    result = queue.get()  # read before joining: rank 0 blocks on a full pipe until then
-    workers.join()
-    return result
+    return run_distributed(isp_worker, sp, sp, "qwen2", overrides)[0]
 
 
 @CONFIGS
