@@ -22,15 +22,22 @@ from .errors import ConfigError, DataError, TrainError
 PARAM_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
 
+# families this loop trains: token in, next-token logits out
+TRAINABLE_FAMILIES = ("decoder-lm", "decoder-moe", "state-space")
+
+
 def resolve_entry(name: str) -> zoo.Entry:
     entry = zoo.resolve(name)
     if not entry.has_patch:
-        raise TrainError(f"{entry.name} has no patch yet, so it cannot train packed/ISP; models with a patch: {', '.join(patched_models())}")
+        raise TrainError(f"{entry.name} has no patch yet, so it cannot train packed/ISP; trainable models: {', '.join(trainable_models())}")
+    if entry.family not in TRAINABLE_FAMILIES:
+        raise TrainError(f"{entry.name} ({entry.family}) is patched for varlen + ISP, but `hfpatch train` has no "
+                         f"{entry.family} loop yet; trainable models: {', '.join(trainable_models())}")
     return entry
 
 
-def patched_models() -> list[str]:
-    return [e.name for e in zoo.load_zoo() if e.has_patch]
+def trainable_models() -> list[str]:
+    return [e.name for e in zoo.load_zoo() if e.has_patch and e.family in TRAINABLE_FAMILIES]
 
 
 def model_class(entry: zoo.Entry) -> type:
