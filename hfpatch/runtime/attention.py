@@ -127,6 +127,13 @@ def _load(name: str) -> tuple[Callable | None, Callable | None, str | None]:
     return None, None, None  # reference
 
 
+@functools.lru_cache(maxsize=None)
+def _parameters(fn: Callable) -> frozenset[str]:
+    """Keyword names a backend function takes (signatures differ across torch releases); cached:
+    this runs on every attention call."""
+    return frozenset(inspect.signature(fn).parameters)
+
+
 _MISSING_HINT = {
     "flash_attn": "flash-attn 2 is not importable",
     "torch_varlen": f"torch {torch.__version__} has no torch.nn.attention.varlen.varlen_attn (needs torch >= 2.10)",
@@ -155,7 +162,7 @@ def _device_problem(name: str, q: torch.Tensor, dropout_p: float, window: tuple[
     if q.device.type != "cuda" or q.dtype not in _FLASH_DTYPES:
         return f"it needs CUDA tensors in float16/bfloat16, got {q.device.type} {q.dtype}"
     if name == "torch_varlen":
-        params = inspect.signature(_load(name)[0]).parameters
+        params = _parameters(_load(name)[0])
         if dropout_p > 0:
             return "torch varlen_attn has no dropout"
         if window[0] >= 0 or window[1] > 0:
@@ -244,7 +251,7 @@ def _repeat_kv(k, v, heads):
 
 def _torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, window, scale):
     fn = _load("torch_varlen")[0]
-    params = inspect.signature(fn).parameters
+    params = _parameters(fn)
     kwargs = {"scale": scale}
     if "enable_gqa" in params:
         kwargs["enable_gqa"] = q.shape[1] != k.shape[1]
@@ -260,7 +267,7 @@ def _torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, window, scale):
 
 def _fa4(q, k, v, cu_q, cu_k, max_q, max_k, causal, window, scale):
     fn = _load("fa4")[0]
-    params = inspect.signature(fn).parameters
+    params = _parameters(fn)
     kwargs = {"cu_seqlens_q": cu_q, "cu_seqlens_k": cu_k, "softmax_scale": scale, "causal": causal}
     for key, value in (("max_seqlen_q", int(max_q)), ("max_seqlen_k", int(max_k))):
         if key in params:
