@@ -13,4 +13,5 @@ PIP=(.venv-legacy/bin/python -m pip install --quiet)
 "${PIP[@]}" --no-deps -e .   # setup.cfg pins the default transformers; this env holds the legacy one
 .venv-legacy/bin/hfpatch check
 .venv-legacy/bin/python -m pytest -q tests/test_llama_equivalence.py \
+  tests/test_qwen2_equivalence.py tests/test_mixtral_equivalence.py \
   tests/test_drift.py::test_legacy_environment_picks_the_legacy_patch
