@@ -28,7 +28,8 @@ class StepResult:
 
 
 def _forward_inputs(batch: dict[str, Any], device: torch.device, router_aux: bool) -> dict[str, Any]:
-    inputs = {k: batch[k].to(device) for k in ("input_ids", "position_ids", "attention_mask") if k in batch}
+    inputs: dict[str, Any] = {k: batch[k].to(device) for k in ("input_ids", "position_ids", "attention_mask") if k in batch}
+    inputs["use_cache"] = False  # training: a KV cache would only copy every layer's keys and values
     if router_aux:
         inputs["output_router_logits"] = True
         if "token_mask" in batch:  # packed: the router statistics skip the pack's padding
