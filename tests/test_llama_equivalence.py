@@ -46,9 +46,10 @@ def _alone(reference, docs):
     return torch.cat(logits), loss_sum
 
 
+@pytest.mark.parametrize("name", ["llama2", "yi", "internlm1"])  # Yi: MQA; InternLM1: q/k/v/o biases
 @pytest.mark.parametrize("positions", ["restart per document", "continue across the pack"])
-def test_packed_equals_each_document_alone(positions):
-    patched, reference = patched_and_reference()
+def test_packed_equals_each_document_alone(positions, name):
+    patched, reference = patched_and_reference(name)
     docs = documents(patched.config.vocab_size)
     row = runtime.build_packed_row(docs)
     position_ids = row.position_ids if positions == "restart per document" else torch.arange(sum(DOC_LENGTHS))
@@ -79,23 +80,25 @@ def test_packing_without_cu_seqlens_would_leak_across_documents():
     assert (leaky - ref_logits).abs().max() > 1e-3
 
 
-def _run_isp(sp: int, overrides: dict):
-    return run_distributed(isp_worker, sp, sp, "llama2", overrides)[0]
+def _run_isp(sp: int, overrides: dict, name: str = "llama2"):
+    return run_distributed(isp_worker, sp, sp, name, overrides)[0]
 
 
-@pytest.mark.parametrize("sp, overrides", [
-    (2, {}),  # 52 tokens: even split
-    (4, {"num_key_value_heads": 2}),  # 52 = 4 x 13, GQA with kv_heads (2) < sp (4)
-    (4, {"num_attention_heads": 4, "num_key_value_heads": 1}),  # MQA: one kv head replicated to 4 ranks
+@pytest.mark.parametrize("sp, overrides, name", [
+    (2, {}, "yi"),  # one kv head replicated to both ranks
+    (2, {}, "internlm1"),
+    (2, {}, "llama2"),  # 52 tokens: even split
+    (4, {"num_key_value_heads": 2}, "llama2"),  # 52 = 4 x 13, GQA with kv_heads (2) < sp (4)
+    (4, {"num_attention_heads": 4, "num_key_value_heads": 1}, "llama2"),  # MQA: one kv head replicated to 4 ranks
 ])
-def test_isp_equals_single_process(sp, overrides):
-    patched, _ = patched_and_reference(**overrides)
+def test_isp_equals_single_process(sp, overrides, name):
+    patched, _ = patched_and_reference(name, **overrides)
     row = runtime.build_packed_row(documents(patched.config.vocab_size))
     with runtime.packed_batch(row.cu_seqlens, row.max_seqlen):
         logits = patched(input_ids=row.input_ids[None], position_ids=row.position_ids[None]).logits
     loss = runtime.causal_lm_loss(logits, row.labels[None])
     loss.backward()
-    isp_loss, isp_grads = _run_isp(sp, overrides)
+    isp_loss, isp_grads = _run_isp(sp, overrides, name)
     assert abs(isp_loss - loss.item()) < ATOL
     for name, param in patched.named_parameters():
         torch.testing.assert_close(torch.from_numpy(isp_grads[name]), param.grad, atol=ATOL, rtol=0, msg=name)

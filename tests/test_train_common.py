@@ -16,6 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from hfpatch.train.command import train
+from zoo_helpers import copy_zoo
 
 REPO = Path(__file__).resolve().parent.parent
 # Small and quick: the manifest's tiny Llama (2 layers, hidden 64), short rows.
@@ -27,15 +28,7 @@ def train_dirs() -> Path:
     """A private zoo copy and cache dir, made once per test process, shared by all modules."""
     base = Path(tempfile.mkdtemp(prefix="hfpatch-train-tests-"))
     atexit.register(shutil.rmtree, base, ignore_errors=True)
-    zoo = REPO / "huggingface_model"
-    # Materialized upstream files stay behind (the trainer syncs them itself);
-    # first-party ports are committed code and come along.
-    shutil.copytree(zoo, base / "huggingface_model",
-                    ignore=shutil.ignore_patterns("modeling_*.py", "configuration_*.py", "__pycache__"))
-    for manifest in zoo.rglob("model.toml"):
-        if 'kind = "port"' in manifest.read_text():
-            for source in manifest.parent.glob("*.py"):
-                shutil.copy2(source, base / source.relative_to(REPO))
+    copy_zoo(base)  # the trainer syncs upstream files itself
     (base / "cache").mkdir()
     return base
 
