@@ -39,6 +39,8 @@ class Entry:
     patch_from: str | None  # name of the entry whose patch this one reuses (same upstream file)
     capabilities: dict[str, bool]
     model_class: str | None = None  # class in the patch target that training builds
+    # official checkpoint config.json key -> our config attribute (e.g. InternLM1's "bias" -> "attention_bias")
+    checkpoint_config_keys: dict = field(default_factory=dict, hash=False)
     test_config: dict = field(default_factory=dict, hash=False)
     known_good_pins: tuple[str, ...] = ()
     notes: str = ""
@@ -74,6 +76,7 @@ def load_entry(manifest_path: Path) -> Entry:
     except tomllib.TOMLDecodeError as exc:
         raise ZooError(f"{where}: {exc}") from None
     known = {"name", "seed_name", "aliases", "family", "description", "model_class", "upstream", "patch", "capabilities",
+             "checkpoint",
              "test_config", "known_good_pins", "notes"}
     unknown = set(data) - known
     if unknown:
@@ -106,6 +109,7 @@ def load_entry(manifest_path: Path) -> Entry:
         patch_from=patch.get("reuse"),
         capabilities={k: bool(v) for k, v in data.get("capabilities", {}).items()},
         model_class=data.get("model_class"),
+        checkpoint_config_keys=dict(data.get("checkpoint", {}).get("config_keys", {})),
         test_config=dict(data.get("test_config", {})),
         known_good_pins=tuple(data.get("known_good_pins", ())),
         notes=data.get("notes", ""),

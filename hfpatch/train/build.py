@@ -8,6 +8,7 @@ config), so a newly patched zoo entry trains without trainer changes.
 from __future__ import annotations
 
 import difflib
+import json
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -82,7 +83,7 @@ def model_config(entry: zoo.Entry, cfg: TrainConfig, vocab_size: int | None, spe
     """
     overrides = cfg.model_overrides
     if cfg.model_path:
-        config = _pretrained_config(model_class(entry), cfg.model_path)
+        config = pretrained_config(entry, model_class(entry), cfg.model_path)
         _check_override_keys(config, overrides, str(cfg.model_path))
         for key, value in overrides.items():
             setattr(config, key, value)
@@ -112,15 +113,20 @@ def model_config(entry: zoo.Entry, cfg: TrainConfig, vocab_size: int | None, spe
     return config
 
 
-def _pretrained_config(cls: type, path: str):
+def pretrained_config(entry: zoo.Entry, cls: type, path: str):
+    """``path``'s config read by the patched class's own config class (first-party ports too, whose
+    checkpoints otherwise need trust_remote_code), with the entry's official key names mapped."""
     if not Path(path, "config.json").exists():
         raise TrainError(f"--model-path {path} is not an HF checkpoint dir (no config.json)")
     try:
-        # The patched class's own config class: works for first-party ports too,
-        # whose checkpoints otherwise need trust_remote_code.
-        return cls.config_class.from_pretrained(path, local_files_only=True)
+        config = cls.config_class.from_pretrained(path, local_files_only=True)
+        official = json.loads(Path(path, "config.json").read_text())
     except Exception as exc:
         raise TrainError(f"cannot read the config in {path}: {str(exc).splitlines()[0]}") from None
+    for key, attribute in entry.checkpoint_config_keys.items():
+        if key in official:
+            setattr(config, attribute, official[key])
+    return config
 
 
 def check_heads(config, sp: int) -> None:
