@@ -58,7 +58,7 @@ def test_missing_and_unsupported_sources(tmp_path):
 
 
 def test_parquet(tmp_path):
-    pa = pytest.importorskip("pyarrow")
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"text": ["alpha", "beta", None]}), tmp_path / "d.parquet")
@@ -69,7 +69,7 @@ def test_parquet(tmp_path):
 
 
 def test_saved_hf_dataset(tmp_path):
-    datasets = pytest.importorskip("datasets")
+    import datasets
     datasets.Dataset.from_dict({"text": ["a b", "c"]}).save_to_disk(str(tmp_path / "ds"))
     assert read_documents(tmp_path / "ds") == ["a b", "c"]
 
