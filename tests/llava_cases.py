@@ -6,40 +6,14 @@ image token per image feature, as transformers 5.x processors emit them) plus it
 
 import contextlib
 import copy
-from dataclasses import dataclass
 
 import torch
 import transformers
 
 from hfpatch import modeling, runtime, zoo
+from hfpatch.train.multimodal import Sample, pack_llava_samples  # the tests' packing is the trainer's
 
-IGNORE_INDEX = -100
-
-
-@dataclass
-class Sample:
-    input_ids: list[int]
-    pixel_values: torch.Tensor | None  # [images, 3, H, W] in the order of the sample's image blocks
-
-
-def pack_llava_samples(samples, image_token_id: int, seq_len: int | None = None, pad_id: int = 0) -> dict:
-    """One packed row (batch dim 1) of LLaVA samples, in order.
-
-    ``input_ids`` / ``position_ids`` / ``cu_seqlens`` / ``max_seqlen`` come from
-    :func:`hfpatch.runtime.build_packed_row` (positions restart per sample, the label
-    of a sample's last token is -100). Labels whose target is an image token are -100
-    too: no loss on image tokens. ``pixel_values`` are all the row's images, in row
-    order, so the model's merge (``masked_scatter`` over the image tokens) fills each
-    sample with its own images. The dict shards with
-    :func:`hfpatch.runtime.shard_for_sequence_parallel` (pixel_values pass through:
-    every ISP rank gets all of the row's images).
-    """
-    row = runtime.build_packed_row([s.input_ids for s in samples], seq_len=seq_len, pad_id=pad_id)
-    batch = row.as_batch()
-    batch["labels"] = batch["labels"].masked_fill(batch["labels"] == image_token_id, IGNORE_INDEX)
-    images = [samples[i].pixel_values for i in row.doc_indices if samples[i].pixel_values is not None]
-    batch["pixel_values"] = torch.cat(images) if images else None
-    return batch
+IGNORE_INDEX = runtime.IGNORE_INDEX
 
 
 def sample_labels(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:

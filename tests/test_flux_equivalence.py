@@ -5,18 +5,8 @@ import pytest
 import torch
 
 from hfpatch import actions, modeling, runtime
-from flux_cases import (
-    BATCH_SHAPE,
-    SAMPLES,
-    batch_inputs,
-    entry,
-    flow_matching_loss,
-    forward_packed,
-    isp_worker,
-    make_samples,
-    pack_samples,
-    patched_and_reference,
-)
+from hfpatch.train.diffusion import flow_matching_loss, forward_packed, pack_samples
+from flux_cases import BATCH_SHAPE, SAMPLES, batch_inputs, entry, isp_worker, make_samples, patched_and_reference
 from runtime_helpers import run_distributed
 
 ATOL = 1e-10

@@ -10,7 +10,8 @@ from click.testing import CliRunner
 
 from hfpatch import engines, runtime, zoo
 from hfpatch.cli import main
-from llava_cases import isp_worker, pack_llava_samples, patched_and_reference, sample_labels, samples, unpacked_rows
+from hfpatch.train.multimodal import pack_llava_samples
+from llava_cases import isp_worker, patched_and_reference, sample_labels, samples, unpacked_rows
 from runtime_helpers import run_distributed
 
 ATOL = 1e-10

@@ -23,8 +23,10 @@ from .errors import ConfigError, DataError, TrainError
 PARAM_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
 
-# families this loop trains: token in, next-token logits out
-TRAINABLE_FAMILIES = ("decoder-lm", "decoder-moe", "state-space")
+# families this loop trains: causal LMs (token in, next-token logits out), LLaVA (image+text
+# in, next-token logits out) and Flux (flow matching); see workload.py
+TRAINABLE_FAMILIES = ("decoder-lm", "decoder-moe", "state-space", "vision-language", "diffusion-transformer")
+IMAGE_FAMILIES = ("vision-language", "diffusion-transformer")
 
 
 def resolve_entry(name: str) -> zoo.Entry:
@@ -67,7 +69,7 @@ def compute_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
 
 
 def _check_override_keys(config, overrides: Mapping[str, Any], source: str) -> None:
-    known = set(config.to_dict())
+    known = set(config) if isinstance(config, dict) else set(config.to_dict())
     for key in overrides:
         if key not in known and not hasattr(config, key):
             close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
@@ -82,6 +84,8 @@ def model_config(entry: zoo.Entry, cfg: TrainConfig, vocab_size: int | None, spe
     config's placeholders, so an exported model generates with the right stop token.
     """
     overrides = cfg.model_overrides
+    if entry.family in IMAGE_FAMILIES:
+        return _image_model_config(entry, cfg)
     if cfg.model_path:
         config = pretrained_config(entry, model_class(entry), cfg.model_path)
         _check_override_keys(config, overrides, str(cfg.model_path))
@@ -111,6 +115,29 @@ def model_config(entry: zoo.Entry, cfg: TrainConfig, vocab_size: int | None, spe
     check_heads(config, cfg.sp)
     config.use_cache = False
     return config
+
+
+def _image_model_config(entry: zoo.Entry, cfg: TrainConfig):
+    """The tiny config of LLaVA (its language model's positions cover seq_len) or Flux (a plain dict)."""
+    values = dict(cfg.model_overrides)
+    _check_override_keys(tiny_config(entry), values, f"{entry.name} tiny")
+    if entry.family == "diffusion-transformer":
+        config = tiny_config(entry, **values)
+        check_heads(_Heads(config["num_attention_heads"]), cfg.sp)
+        return config
+    text = dict(entry.test_config.get("text_config", {}))
+    text.update(values.pop("text_config", None) or {})
+    text["max_position_embeddings"] = max(text.get("max_position_embeddings", 0), cfg.seq_len)
+    config = tiny_config(entry, text_config=text, **values)
+    check_heads(config.text_config, cfg.sp)
+    config.use_cache = False
+    config.text_config.use_cache = False
+    return config
+
+
+class _Heads:
+    def __init__(self, heads: int) -> None:
+        self.num_attention_heads = heads
 
 
 def pretrained_config(entry: zoo.Entry, cls: type, path: str):
@@ -149,7 +176,7 @@ def build_model(entry: zoo.Entry, cfg: TrainConfig, config, device: torch.device
             raise TrainError(f"cannot load weights from {cfg.model_path}: {str(exc).splitlines()[0]}") from None
     else:
         torch.manual_seed(cfg.seed)
-        model = cls(config)
+        model = cls.from_config(config) if isinstance(config, dict) else cls(config)  # diffusers: a dict
         if hasattr(model, "reset_parameters"):
             model.reset_parameters(cfg.init_std)
         model = model.to(dtype)

@@ -18,11 +18,9 @@ import torch
 from hfpatch.runtime import ParallelMode, current_device, gpc, parallel_context, resolve_backend
 
 from . import faults
-from .batches import packed_micro_batch, padded_micro_batch, step_stats
 from .build import build_model, compute_dtype, count_parameters, model_config, param_dtype, resolve_entry
 from .checkpoint import CheckpointManager, find_checkpoint
 from .config import TrainConfig, check_world_size
-from .data import check_vocab, load_dataset
 from .dataset import RowStream
 from .errors import ConfigError, DataError, NonFiniteLossError, TrainError
 from .export import export_hf
@@ -32,12 +30,14 @@ from .optim import build_optimizer, build_scheduler
 from .parallelize import parallelize
 from .progress import Progress
 from .step import train_step
+from .workload import check_supported, describe_config, flops_shape, load_workload
 
 
 def preflight(cfg: TrainConfig, world: int) -> None:
     """Checks that need no process group: sizes, model name, paths, model overrides."""
     check_world_size(cfg, world)
     entry = resolve_entry(cfg.model_name)
+    check_supported(entry, cfg)
     for label, path in (("--data", cfg.data_path), ("--tokenizer", cfg.tokenizer_path), ("--model-path", cfg.model_path)):
         if path and not Path(path).exists():
             raise (DataError if label != "--model-path" else TrainError)(f"{label} {path} does not exist")
@@ -85,10 +85,12 @@ class _Trainer:
 
     def setup(self) -> None:
         cfg = self.cfg
-        self.tokenizer, self.dataset, self.source = load_dataset(cfg, self.rank)
-        self.config = model_config(self.entry, cfg, self.tokenizer.vocab_size, self.tokenizer.special_ids)
-        check_vocab(self.dataset, self.config.vocab_size, self.source)
+        self.workload = load_workload(self.entry, cfg, self.rank, param_dtype(cfg.dtype, self.device))
+        self.tokenizer, self.dataset, self.source = self.workload.tokenizer, self.workload.dataset, self.workload.source
+        self.config = self.workload.config
         model = build_model(self.entry, cfg, self.config, self.device)
+        if self.workload.prepare_model is not None:
+            self.workload.prepare_model(model)
         self.params, self.matmul_params = count_parameters(model)
         self.model = parallelize(
             model, world=self.world, activation_checkpointing=cfg.activation_checkpointing,
@@ -105,12 +107,12 @@ class _Trainer:
         cfg, data = self.cfg, self.dataset
         return (
             f"hfpatch train {self.entry.name}: {self.params / 1e6:.2f}M params "
-            f"({self.config.num_hidden_layers} layers, hidden {self.config.hidden_size}, vocab {self.config.vocab_size}), "
+            f"({describe_config(self.config)}), "
             f"world {self.world} = dp {self.dp} x sp {self.sp}, wp {cfg.wp}, device {self.device.type}, "
             f"attention {self.attention_backend()}\n"
             f"data: {self.source}: {data.num_documents} documents, {data.num_tokens:,} tokens -> {len(data.rows)} rows "
             f"of {data.seq_len} ({'packed' if cfg.packed else 'padded batches'}; packing efficiency {data.efficiency:.1%}); "
-            f"tokenizer: {self.tokenizer.source}\n"
+            f"tokenizer: {self.workload.tokenizer_source}\n"
             f"{self.rows_per_step * data.seq_len:,} token slots per step (micro_num {cfg.micro_num} x micro_bsz {cfg.micro_bsz} "
             f"x dp {self.dp} x seq_len {data.seq_len}); run dir {self.run_dir}"
         )
@@ -157,12 +159,17 @@ class _Trainer:
 
     # -- the loop ---------------------------------------------------------------------
 
-    def micro_batches(self, rows: list[int]) -> list[dict]:
+    def micro_batches(self, rows: list[int], position: int) -> list[dict]:
+        """This rank's micro-batches of the step's ``rows`` (read from stream ``position`` on)."""
         cfg = self.cfg
-        mine = rows[self.dp_rank * cfg.micro_num * cfg.micro_bsz : (self.dp_rank + 1) * cfg.micro_num * cfg.micro_bsz]
-        make = packed_micro_batch if cfg.packed else padded_micro_batch
+        first = self.dp_rank * cfg.micro_num * cfg.micro_bsz
+        mine = rows[first : first + cfg.micro_num * cfg.micro_bsz]
         return [
-            make([self.dataset.rows[i] for i in mine[m * cfg.micro_bsz : (m + 1) * cfg.micro_bsz]], self.sp_rank, self.sp, self.tokenizer.pad_id)
+            self.workload.micro_batch(
+                [self.dataset.rows[i] for i in mine[m * cfg.micro_bsz : (m + 1) * cfg.micro_bsz]], self.sp_rank, self.sp,
+                # random draws (Flux's noise) of a micro-batch: fixed by the seed and its stream position
+                cfg.seed * 1_000_003 + position + first + m * cfg.micro_bsz,
+            )
             for m in range(cfg.micro_num)
         ]
 
@@ -170,12 +177,13 @@ class _Trainer:
         cfg, state = self.cfg, self.state
         step = state.step + 1
         rows = self.stream.take(state.rows_consumed, self.rows_per_step)
-        stats = step_stats([self.dataset.rows[i] for i in rows])
+        stats = self.workload.stats([self.dataset.rows[i] for i in rows])
         started = time.perf_counter()
         result = train_step(
-            self.model, self.optimizer, self.scheduler, self.micro_batches(rows),
+            self.model, self.optimizer, self.scheduler, self.micro_batches(rows, state.rows_consumed),
             num_targets=stats.targets, packed=cfg.packed, device=self.device,
             clip_grad_norm=float(cfg.clip_grad_norm), step=step, rank=self.rank,
+            loss_fn=self.workload.loss, input_dtype=param_dtype(cfg.dtype, self.device),
         )
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -188,7 +196,7 @@ class _Trainer:
             "step_time_s": elapsed, "epoch": round(self.stream.epoch_of(state.rows_consumed), 4),
         }
         if self.peak:
-            flops = step_flops(self.matmul_params, self.config.num_hidden_layers, self.config.hidden_size, stats)
+            flops = step_flops(self.matmul_params, *flops_shape(self.config), stats)
             record["mfu"] = flops / (elapsed * self.world * self.peak)
         return record
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -27,8 +27,10 @@ class StepResult:
     lr: float
 
 
-def _forward_inputs(batch: dict[str, Any], device: torch.device, router_aux: bool) -> dict[str, Any]:
+def _forward_inputs(batch: dict[str, Any], device: torch.device, router_aux: bool, dtype: torch.dtype | None) -> dict[str, Any]:
     inputs: dict[str, Any] = {k: batch[k].to(device) for k in ("input_ids", "position_ids", "attention_mask") if k in batch}
+    if batch.get("pixel_values") is not None:  # LLaVA: every image of the pack, on every ISP rank
+        inputs["pixel_values"] = batch["pixel_values"].to(device, dtype=dtype)
     inputs["use_cache"] = False  # training: a KV cache would only copy every layer's keys and values
     if router_aux:
         inputs["output_router_logits"] = True
@@ -65,7 +67,11 @@ def train_step(
     clip_grad_norm: float,
     step: int,
     rank: int,
+    loss_fn: Callable[..., torch.Tensor] | None = None,
+    input_dtype: torch.dtype | None = None,
 ) -> StepResult:
+    """``loss_fn(model, batch, num_targets, device)``: this rank's share of a micro-batch's loss
+    (Flux's flow matching); None for the causal LM loss. ``input_dtype``: of pixel_values."""
     lr = scheduler.get_last_lr()[0]
     loss_sum = torch.zeros((), device=device)
     aux_coef = _router_aux_coef(model)
@@ -73,14 +79,17 @@ def train_step(
     packs_per_step = len(micro_batches) * max(gpc.get_world_size(ParallelMode.DATA), 1)
     for index, batch in enumerate(micro_batches):
         set_gradient_sync(model, index == len(micro_batches) - 1)
-        if packed:
-            set_packed_batch(batch["cu_seqlens"], batch["max_seqlen"], device=device)
+        if loss_fn is not None:
+            loss = loss_fn(model, batch, num_targets, device)
         else:
-            clear_packed_batch()
-        output = model(**_forward_inputs(batch, device, aux_coef > 0))
-        loss = causal_lm_loss(output.logits, batch["labels"].to(device), num_valid_tokens=num_targets)
-        if aux_coef > 0 and output.aux_loss is not None:
-            loss = loss + aux_coef * output.aux_loss / packs_per_step
+            if packed:
+                set_packed_batch(batch["cu_seqlens"], batch["max_seqlen"], device=device)
+            else:
+                clear_packed_batch()
+            output = model(**_forward_inputs(batch, device, aux_coef > 0, input_dtype))
+            loss = causal_lm_loss(output.logits, batch["labels"].to(device), num_valid_tokens=num_targets)
+            if aux_coef > 0 and output.aux_loss is not None:
+                loss = loss + aux_coef * output.aux_loss / packs_per_step
         loss = faults.maybe_poison(loss, step, rank)
         loss.backward()
         loss_sum += loss.detach().float()
