@@ -8,10 +8,10 @@ import torch.nn.functional as F
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 from decoder_cases import DOC_LENGTHS, documents, isp_worker, patched_and_reference, real_token_mask
+from equivalence_checks import ATOL, assert_no_runtime_equals_unpatched, assert_same_grads
 from hfpatch import runtime
 from runtime_helpers import run_distributed
 
-ATOL = 1e-10
 # transformers' cross entropy upcasts logits to float32 only, and its load_balancing_loss_func sums in
 # float32: comparisons that go through either use this
 ATOL_FP32 = 1e-6
@@ -25,22 +25,9 @@ def _zoo(zoo_copy):
 
 
 def test_no_runtime_patched_equals_unpatched_forward_backward_generate():
-    patched, reference = patched_and_reference("mixtral", **COEF)
-    ids = torch.randint(1, patched.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones_like(ids)
-    mask[1, :3] = 0  # left padding: transformers' own mask path and its masked aux loss
-    out_p = patched(input_ids=ids, attention_mask=mask, labels=ids, output_router_logits=True)
-    out_r = reference(input_ids=ids, attention_mask=mask, labels=ids, output_router_logits=True)
-    torch.testing.assert_close(out_p.logits, out_r.logits, atol=ATOL, rtol=0)
+    # left padding also exercises transformers' masked aux loss
+    out_p, out_r = assert_no_runtime_equals_unpatched(*patched_and_reference("mixtral", **COEF), output_router_logits=True)
     torch.testing.assert_close(out_p.aux_loss, out_r.aux_loss, atol=ATOL, rtol=0)
-    torch.testing.assert_close(out_p.loss, out_r.loss, atol=ATOL, rtol=0)
-    out_p.loss.backward()
-    out_r.loss.backward()
-    for (name, p), (_, r) in zip(patched.named_parameters(), reference.named_parameters()):
-        torch.testing.assert_close(p.grad, r.grad, atol=ATOL, rtol=0, msg=name)
-    gen_p = patched.generate(ids[:1], max_new_tokens=6, do_sample=False, use_cache=True)
-    gen_r = reference.generate(ids[:1], max_new_tokens=6, do_sample=False, use_cache=True)
-    assert torch.equal(gen_p, gen_r) and gen_p.shape[1] == 17
 
 
 def _padded_pack(vocab: int):
@@ -77,8 +64,7 @@ def test_packed_equals_each_document_alone(overrides):
     torch.testing.assert_close(loss, ref_sum / n_targets, atol=ATOL, rtol=0)
     loss.backward()
     (ref_sum / n_targets).backward()
-    for (name, p), (_, r) in zip(patched.named_parameters(), reference.named_parameters()):
-        torch.testing.assert_close(p.grad, r.grad, atol=ATOL, rtol=0, msg=name)
+    assert_same_grads(patched, reference, ATOL)
 
 
 def test_packed_aux_loss_is_transformers_aux_loss_over_the_real_tokens():
@@ -112,8 +98,7 @@ def test_total_loss_includes_the_aux_loss():
     torch.testing.assert_close(out.loss.double(), expected, atol=ATOL_FP32, rtol=0)
     out.loss.backward()
     expected.backward()
-    for (name, p), (_, r) in zip(patched.named_parameters(), reference.named_parameters()):
-        torch.testing.assert_close(p.grad, r.grad, atol=ATOL_FP32, rtol=0, msg=name)
+    assert_same_grads(patched, reference, ATOL_FP32)
     assert patched.model.layers[0].mlp.gate.weight.grad.abs().max() > 1e-3
 
 

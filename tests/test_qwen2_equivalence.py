@@ -1,16 +1,14 @@
 """The patched Qwen2 (q/k/v biases, optional sliding window) against independent references: transformers'
 unpatched Qwen2ForCausalLM, each document run alone, the single-process run."""
 
-
 import pytest
 import torch
-import torch.nn.functional as F
 
 from decoder_cases import DOC_LENGTHS, documents, isp_worker, patched_and_reference
+from equivalence_checks import ATOL, assert_no_runtime_equals_unpatched, assert_same_grads, run_alone
 from hfpatch import runtime
 from runtime_helpers import run_distributed
 
-ATOL = 1e-10
 WINDOW = 4  # smaller than the longest document (19 tokens)
 # layer 0 full attention, layer 1 sliding: both mask kinds in one model
 SLIDING = {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 1}
@@ -31,31 +29,7 @@ def test_sliding_config_really_has_a_sliding_layer():
 
 @CONFIGS
 def test_no_runtime_patched_equals_unpatched_forward_backward_generate(overrides):
-    patched, reference = patched_and_reference("qwen2", **overrides)
-    ids = torch.randint(1, patched.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones_like(ids)
-    mask[1, :3] = 0  # left padding, exercising transformers' own mask path
-    out_p = patched(input_ids=ids, attention_mask=mask, labels=ids)
-    out_r = reference(input_ids=ids, attention_mask=mask, labels=ids)
-    torch.testing.assert_close(out_p.logits, out_r.logits, atol=ATOL, rtol=0)
-    out_p.loss.backward()
-    out_r.loss.backward()
-    for (name, p), (_, r) in zip(patched.named_parameters(), reference.named_parameters()):
-        torch.testing.assert_close(p.grad, r.grad, atol=ATOL, rtol=0, msg=name)
-    gen_p = patched.generate(ids[:1], max_new_tokens=6, do_sample=False, use_cache=True)
-    gen_r = reference.generate(ids[:1], max_new_tokens=6, do_sample=False, use_cache=True)
-    assert torch.equal(gen_p, gen_r) and gen_p.shape[1] == 17
-
-
-def _alone(reference, docs):
-    """Logits and summed token losses of each document run alone through the unpatched model."""
-    logits, loss_sum = [], 0.0
-    for doc in docs:
-        ids = torch.tensor([doc])
-        out = reference(input_ids=ids).logits[0]
-        logits.append(out)
-        loss_sum = loss_sum + F.cross_entropy(out[:-1], ids[0, 1:], reduction="sum")
-    return torch.cat(logits), loss_sum
+    assert_no_runtime_equals_unpatched(*patched_and_reference("qwen2", **overrides))
 
 
 def _packed_logits(model, row, position_ids=None):
@@ -66,14 +40,14 @@ def _packed_logits(model, row, position_ids=None):
 
 @CONFIGS
 @pytest.mark.parametrize("positions", ["restart per document", "continue across the pack"])
-def test_packed_equals_each_document_alone(overrides, positions):
+def test_packed_equals_each_documentrun_alone(overrides, positions):
     patched, reference = patched_and_reference("qwen2", **overrides)
     docs = documents(patched.config.vocab_size)
     row = runtime.build_packed_row(docs)
     position_ids = row.position_ids if positions == "restart per document" else torch.arange(sum(DOC_LENGTHS))
     logits = _packed_logits(patched, row, position_ids)
     loss = runtime.causal_lm_loss(logits, row.labels)
-    ref_logits, ref_sum = _alone(reference, docs)
+    ref_logits, ref_sum = run_alone(reference, docs)
     n_targets = sum(n - 1 for n in DOC_LENGTHS)
     # transformers builds RoPE tables in float32: shifted positions differ at ~1e-8, leaks at ~1e-2
     atol = ATOL if positions == "restart per document" else 1e-6
@@ -81,8 +55,7 @@ def test_packed_equals_each_document_alone(overrides, positions):
     torch.testing.assert_close(loss, ref_sum / n_targets, atol=atol, rtol=0)
     loss.backward()
     (ref_sum / n_targets).backward()
-    for (name, p), (_, r) in zip(patched.named_parameters(), reference.named_parameters()):
-        torch.testing.assert_close(p.grad, r.grad, atol=atol, rtol=0, msg=name)
+    assert_same_grads(patched, reference, atol)
 
 
 def test_sliding_window_matters_and_its_size_is_exact():
@@ -92,11 +65,11 @@ def test_sliding_window_matters_and_its_size_is_exact():
     docs = documents(patched.config.vocab_size)
     row = runtime.build_packed_row(docs)
     logits = _packed_logits(patched, row)
-    ref_logits, _ = _alone(patched_and_reference("qwen2", **SLIDING)[1], docs)
+    ref_logits, _ = run_alone(patched_and_reference("qwen2", **SLIDING)[1], docs)
     torch.testing.assert_close(logits, ref_logits, atol=ATOL, rtol=0)
     for other in ({}, {**SLIDING, "sliding_window": WINDOW - 1}, {**SLIDING, "sliding_window": WINDOW + 1}):
         _, other_reference = patched_and_reference("qwen2", **other)
-        other_logits, _ = _alone(other_reference, docs)
+        other_logits, _ = run_alone(other_reference, docs)
         assert (logits - other_logits).abs().max() > 1e-3, other
 
 
@@ -108,7 +81,7 @@ def test_packing_without_cu_seqlens_would_leak_across_documents():
     whole = torch.tensor([0, row.input_ids.numel()], dtype=torch.int32)
     with runtime.packed_batch(whole, row.input_ids.numel()):
         leaky = patched(input_ids=row.input_ids[None], position_ids=row.position_ids[None]).logits[0]
-    ref_logits, _ = _alone(reference, docs)
+    ref_logits, _ = run_alone(reference, docs)
     assert (leaky - ref_logits).abs().max() > 1e-3
 
 
