@@ -23,11 +23,11 @@ from typing import Callable
 
 import pytest
 import torch
-import torch.nn.functional as F
 import transformers
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
+from equivalence_checks import run_alone
 from hfpatch import actions, engines, modeling, runtime, zoo
 from hfpatch.cli import main as cli
 from runtime_helpers import run_distributed
@@ -197,17 +197,6 @@ def check_no_runtime_patched_equals_unpatched(port: Port, overrides: dict) -> No
     assert torch.equal(gen_p, gen_u) and gen_p.shape[1] == 17
 
 
-def _alone(model, docs):
-    """Logits and summed token losses of each document run alone."""
-    logits, loss_sum = [], 0.0
-    for doc in docs:
-        ids = torch.tensor([doc])
-        out = model(input_ids=ids).logits[0]
-        logits.append(out)
-        loss_sum = loss_sum + F.cross_entropy(out[:-1], ids[0, 1:], reduction="sum")
-    return torch.cat(logits), loss_sum
-
-
 def _packed_logits(model, row, position_ids=None):
     position_ids = row.position_ids if position_ids is None else position_ids
     with runtime.packed_batch(row.cu_seqlens, row.max_seqlen):
@@ -221,7 +210,7 @@ def check_packed_equals_documents_alone(port: Port, positions: str, overrides: d
     position_ids = row.position_ids if positions == "restart per document" else torch.arange(sum(DOC_LENGTHS))
     logits = _packed_logits(patched, row, position_ids)
     loss = runtime.causal_lm_loss(logits, row.labels)
-    ref_logits, ref_sum = _alone(unpatched, docs)
+    ref_logits, ref_sum = run_alone(unpatched, docs)
     ref_loss = ref_sum / sum(n - 1 for n in DOC_LENGTHS)
     # RoPE tables are float32: shifted positions differ at ~1e-8, a leak across documents at ~1e-2
     atol = ATOL if positions == "restart per document" else 1e-6
@@ -240,7 +229,7 @@ def check_one_segment_would_leak(port: Port) -> None:
     whole = torch.tensor([0, row.input_ids.numel()], dtype=torch.int32)
     with runtime.packed_batch(whole, row.input_ids.numel()):
         leaky = patched(input_ids=row.input_ids[None], position_ids=row.position_ids[None]).logits[0]
-    ref_logits, _ = _alone(unpatched, docs)
+    ref_logits, _ = run_alone(unpatched, docs)
     assert (leaky - ref_logits).abs().max() > 1e-3
 
 
