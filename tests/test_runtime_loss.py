@@ -44,3 +44,21 @@ def test_loss_is_token_weighted_and_safe_without_targets():
     assert rt.causal_lm_loss(logits, torch.full_like(labels, -100)).item() == 0.0
     assert rt.global_loss(rt.causal_lm_loss(logits, labels)) == expected.item()
     assert int(rt.count_valid_tokens(labels)) == 3
+
+
+def test_chunked_loss_equals_full_logits_loss():
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(1, 37, 8, dtype=torch.float64, generator=gen, requires_grad=True)
+    weight = torch.randn(50, 8, dtype=torch.float64, generator=gen, requires_grad=True)
+    labels = torch.randint(0, 50, (1, 37), generator=gen)
+    labels[0, [3, 20, 36]] = rt.IGNORE_INDEX
+    full = rt.causal_lm_loss(hidden @ weight.t(), labels)
+    expected = torch.autograd.grad(full, (hidden, weight))
+    for chunk in (1, 5, 37, 100):  # uneven last chunk, one chunk, chunk larger than the sequence
+        loss = rt.chunked_causal_lm_loss(hidden, weight, labels, chunk_tokens=chunk)
+        grads = torch.autograd.grad(loss, (hidden, weight))
+        torch.testing.assert_close(loss, full, rtol=1e-12, atol=0)
+        for got, want in zip(grads, expected):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)
+    half = rt.chunked_causal_lm_loss(hidden, weight, labels, num_valid_tokens=68)  # 34 valid here
+    torch.testing.assert_close(half, full / 2, rtol=1e-12, atol=0)

@@ -28,7 +28,7 @@ from .context import (
 from .distributed import current_device, destroy, initialize, parallel_context
 from .init import normal_, scaled_init_method_normal
 from .isp import all_to_all, isp_flash_attn_func, isp_flash_attn_varlen_func
-from .loss import IGNORE_INDEX, causal_lm_loss, count_valid_tokens, global_loss
+from .loss import IGNORE_INDEX, causal_lm_loss, chunked_causal_lm_loss, count_valid_tokens, global_loss
 from .packing import (
     PackedRow,
     PackResult,
@@ -56,6 +56,7 @@ __all__ = [
     "backend_unavailable_reason",
     "build_packed_row",
     "causal_lm_loss",
+    "chunked_causal_lm_loss",
     "clear_packed_batch",
     "concat_rows",
     "count_valid_tokens",

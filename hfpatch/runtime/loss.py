@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .context import ParallelMode, gpc
 
@@ -51,11 +52,52 @@ def causal_lm_loss(
     )
     if num_valid_tokens is None:
         num_valid_tokens = count_valid_tokens(labels, ignore_index=ignore_index)
+    return _divide(token_sum, num_valid_tokens)
+
+
+def _divide(token_sum: torch.Tensor, num_valid_tokens: int | torch.Tensor) -> torch.Tensor:
     if torch.is_tensor(num_valid_tokens):
         num_valid_tokens = num_valid_tokens.to(token_sum.device)
     # A batch with no targets anywhere contributes 0, not NaN.
     denom = num_valid_tokens.clamp(min=1) if torch.is_tensor(num_valid_tokens) else max(int(num_valid_tokens), 1)
     return token_sum / denom
+
+
+def _chunk_token_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    logits = hidden @ weight.t()
+    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels,
+                           ignore_index=ignore_index, reduction="sum")
+
+
+def chunked_causal_lm_loss(
+    hidden_states: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    chunk_tokens: int = 4096,
+    num_valid_tokens: int | torch.Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """:func:`causal_lm_loss` of ``hidden_states @ lm_head_weight.T`` without ever holding all the logits.
+
+    The output projection and cross entropy run ``chunk_tokens`` tokens at a time and are
+    recomputed in backward, so the logits of one chunk (not of the whole long sequence)
+    are alive at once: at 64K tokens and a 32K vocab the full fp32 logits alone are 8 GiB.
+    """
+    if hidden_states.shape[:-1] != labels.shape:
+        raise ValueError(f"hidden_states {tuple(hidden_states.shape)} and labels {tuple(labels.shape)} do not line up")
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
+    hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
+    flat = labels.reshape(-1)
+    token_sum = sum(
+        checkpoint(_chunk_token_sum, hidden[i:i + chunk_tokens], lm_head_weight, flat[i:i + chunk_tokens],
+                   ignore_index, use_reentrant=False)
+        for i in range(0, hidden.shape[0], chunk_tokens)
+    )
+    if num_valid_tokens is None:
+        num_valid_tokens = count_valid_tokens(labels, ignore_index=ignore_index)
+    return _divide(token_sum, num_valid_tokens)
 
 
 def global_loss(loss: torch.Tensor, mode: ParallelMode = ParallelMode.GLOBAL) -> float:
