@@ -8,8 +8,12 @@ pack (data parallel), at sp=2 / sp=4 groups of 2 / 4 GPUs share one pack sp time
 tokens/s per GPU and efficiency = (tokens/s per GPU at sp) / (at sp=1).
 
 ISP vs context parallel: one long document of --tokens-per-gpu x world tokens on all GPUs,
-the patched model with ISP sp=world vs the unpatched transformers model (sdpa, causal) under
+the patched model with ISP sp=world vs the unpatched transformers model under
 torch.distributed.tensor.experimental.context_parallel (ring attention, load-balanced sharding).
+For the latter the model's attention is registered as plain causal SDPA with no mask (what
+torchtitan does): transformers would otherwise build a dense mask from the sharded position_ids,
+which context parallel cannot shard. Each contender's first-step loss is reported (same weights,
+same document: they must agree to bf16 rounding).
 
 Timed: forward + backward of a Llama ~1B (bf16), 2 warm-up + 5 timed steps. Gradient sync
 (identical for every setting) is excluded.
@@ -48,7 +52,9 @@ def llama_config(args):
 
 
 def timed_steps(step, warmup, steps):
-    for _ in range(warmup):
+    """(seconds per step, loss of the first step)."""
+    first = step()
+    for _ in range(warmup - 1):
         step()
     torch.cuda.synchronize()
     dist.barrier()
@@ -57,7 +63,7 @@ def timed_steps(step, warmup, steps):
         step()
     torch.cuda.synchronize()
     dist.barrier()
-    return (time.perf_counter() - start) / steps
+    return (time.perf_counter() - start) / steps, first
 
 
 def isp_run(model, docs, sp, args):
@@ -74,9 +80,17 @@ def isp_run(model, docs, sp, args):
         model.zero_grad(set_to_none=True)
         with runtime.packed_batch(cu, local["max_seqlen"]):
             logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits
-        runtime.causal_lm_loss(logits, labels).backward()
+        loss = runtime.causal_lm_loss(logits, labels)
+        loss.backward()
+        return loss.detach()
 
     return timed_steps(step, args.warmup, args.steps)
+
+
+def causal_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Attention for transformers as one causal SDPA call with no mask: what context parallel shards."""
+    out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
 
 
 def context_parallel_run(state, cfg, doc, args):
@@ -84,7 +98,9 @@ def context_parallel_run(state, cfg, doc, args):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.experimental import context_parallel
 
-    cfg._attn_implementation = "sdpa"
+    # a name transformers has no mask function for: it passes attention_mask=None
+    transformers.AttentionInterface.register("causal_sdpa_no_mask", causal_sdpa)
+    cfg._attn_implementation = "causal_sdpa_no_mask"
     model = transformers.LlamaForCausalLM(cfg)
     model.load_state_dict(state)
     model = model.to(torch.bfloat16).cuda().train()
@@ -98,8 +114,13 @@ def context_parallel_run(state, cfg, doc, args):
         local_ids, local_pos, local_labels = ids.clone(), pos.clone(), labels.clone()
         with context_parallel(mesh, buffers=[local_ids, local_pos, local_labels], buffer_seq_dims=[1, 1, 1]):
             logits = model(input_ids=local_ids, position_ids=local_pos, use_cache=False).logits
+            # every rank holds the same number of targets but one (the last label is -100): the mean of
+            # the ranks' means is the document's mean up to 1/tokens
             loss = F.cross_entropy(logits.float().flatten(0, 1), local_labels.flatten(), ignore_index=-100)
             loss.backward()
+        mean = loss.detach() / dist.get_world_size()
+        dist.all_reduce(mean)
+        return mean
 
     return timed_steps(step, args.warmup, args.steps)
 
@@ -137,7 +158,7 @@ def main():
         group = runtime.gpc.get_local_rank(runtime.ParallelMode.DATA)
         docs = lognormal_docs(args.tokens_per_gpu * sp, cfg.vocab_size, seed=group)
         try:
-            seconds = isp_run(model, docs, sp, args)
+            seconds, _ = isp_run(model, docs, sp, args)
             row = {"sp": sp, "seconds_per_step": seconds, "tokens_per_s_per_gpu": args.tokens_per_gpu / seconds,
                    "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
         except torch.OutOfMemoryError:
@@ -147,18 +168,23 @@ def main():
             print(json.dumps(row), flush=True)
         if sp == world:  # the same GPUs on one long document: ISP vs context parallel
             doc = torch.randint(3, cfg.vocab_size, (args.tokens_per_gpu * world,), generator=torch.Generator().manual_seed(7))
-            seconds = isp_run(model, [doc], sp, args)
+            seconds, loss = isp_run(model, [doc], sp, args)
             results["long_document"].append({"method": "hfpatch ISP", "tokens": doc.numel(), "seconds_per_step": seconds,
-                                             "tokens_per_s": doc.numel() / seconds})
+                                             "tokens_per_s": doc.numel() / seconds,
+                                             "first_step_loss": runtime.global_loss(loss, runtime.ParallelMode.TENSOR),
+                                             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30})
         del model
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         runtime.destroy()
     doc = torch.randint(3, cfg.vocab_size, (args.tokens_per_gpu * world,), generator=torch.Generator().manual_seed(7))
     try:
-        seconds = context_parallel_run(state, cfg, doc, args)
+        torch.cuda.reset_peak_memory_stats()
+        seconds, loss = context_parallel_run(state, cfg, doc, args)
         results["long_document"].append({"method": "torch context_parallel (ring, sdpa)", "tokens": doc.numel(),
-                                         "seconds_per_step": seconds, "tokens_per_s": doc.numel() / seconds})
+                                         "seconds_per_step": seconds, "tokens_per_s": doc.numel() / seconds,
+                                         "first_step_loss": float(loss),
+                                         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30})
     except Exception as exc:  # reported, not fatal: the comparison row says why it is missing
         results["long_document"].append({"method": "torch context_parallel (ring, sdpa)", "error": repr(exc)[:300]})
     base = results["weak_scaling"][0].get("tokens_per_s_per_gpu")

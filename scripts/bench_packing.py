@@ -5,11 +5,15 @@ contender (equal real tokens per step):
   padded        unpatched transformers, micro-batches of 8 documents padded to the longest, sdpa
   hf_padfree    unpatched transformers, one row with position_ids resets (its own packed-sequence
                 detection), attention_mask=None, flex_attention (the best it has without flash-attn)
-  hfpatch       the patched model, one packed row, cu_seqlens, hfpatch.runtime's varlen backend
+  hfpatch       the patched model, one packed row, cu_seqlens, hfpatch.runtime's varlen backend (auto)
+  hfpatch_cudnn         the same with the cuDNN ragged attention backend (HFPATCH_ATTN_BACKEND=cudnn_varlen)
+  hfpatch_compiled      the same (auto backend) with every decoder layer torch.compile'd
 Document lengths: log-normal, median 350 tokens, sigma 1.0, clipped to [16, 4096].
-Also reports MFU of the hfpatch contender (FLOPs = 6 N tokens + causal attention).
+Also reports MFU of the hfpatch contenders (FLOPs = 6 N tokens + causal attention).
 
     python scripts/bench_packing.py --out docs/bench/packing.json
+    python scripts/bench_packing.py --out docs/bench/mfu.json --tokens-per-step 8192 \
+        --contenders hfpatch,hfpatch_cudnn,hfpatch_compiled
 """
 
 from __future__ import annotations
@@ -160,10 +164,16 @@ def main():
     del reference
     results = []
     for name in args.contenders.split(","):
-        if name == "hfpatch":
+        os.environ.pop("HFPATCH_ATTN_BACKEND", None)
+        if name.startswith("hfpatch"):
             cls = modeling.model_class(zoo.resolve("llama2"))
             model = cls(cfg)
             step = step_hfpatch
+            if name == "hfpatch_cudnn":
+                os.environ["HFPATCH_ATTN_BACKEND"] = "cudnn_varlen"
+            if name == "hfpatch_compiled":
+                for layer in model.model.layers:
+                    layer.compile()
         else:
             cfg._attn_implementation = "sdpa" if name == "padded" else "flex_attention"
             model = transformers.LlamaForCausalLM(cfg)
@@ -174,14 +184,18 @@ def main():
             results.append(measure(name, model, step, batches, args.warmup))
         except torch.OutOfMemoryError as exc:
             results.append({"contender": name, "error": f"out of memory: {str(exc)[:200]}"})
+        except Exception as exc:  # an optional contender (cuDNN, compile) that cannot run is reported, not fatal
+            if name == "hfpatch":
+                raise
+            results.append({"contender": name, "error": repr(exc)[:300]})
         del model
         torch.cuda.empty_cache()
     by_name = {r["contender"]: r for r in results if "error" not in r}
-    if "hfpatch" in by_name:
-        r = by_name["hfpatch"]
-        flops = 6 * n_params * r["real_tokens"] + sum(attention_flops(d, args.layers, args.hidden)
-                                                       for d, _ in batches[args.warmup:])
-        r["mfu"] = flops / r["seconds"] / H100_BF16_PEAK
+    flops = 6 * n_params * sum(len(d) for docs, _ in batches[args.warmup:] for d in docs) + sum(
+        attention_flops(d, args.layers, args.hidden) for d, _ in batches[args.warmup:])
+    for name, r in by_name.items():
+        if name.startswith("hfpatch"):
+            r["mfu"] = flops / r["seconds"] / H100_BF16_PEAK
     report = {
         "card": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__,
         "attention_backend": runtime.resolve_backend(None, torch.empty(1, 1, 1, 64, dtype=torch.bfloat16, device="cuda")),
