@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable, Iterator
 
 from .errors import DataError
 
@@ -46,8 +46,8 @@ def _read_file(path: Path, text_field: str) -> list[str]:
     raise DataError(f"unsupported data file {path.name}: use .jsonl (a {text_field!r} field per line), .parquet, or a datasets dir")
 
 
-def _read_jsonl(path: Path, text_field: str) -> list[str]:
-    docs = []
+def jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed JSON) for each non-blank line of a jsonl file."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as exc:
@@ -59,11 +59,14 @@ def _read_jsonl(path: Path, text_field: str) -> list[str]:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DataError(f"{path} line {number} is not valid JSON ({exc.msg})") from None
-        docs.append(_text_of(record, text_field, f"{path} line {number}"))
-    return docs
+        yield number, record
 
 
-def _text_of(record, text_field: str, where: str) -> str:
+def _read_jsonl(path: Path, text_field: str) -> list[str]:
+    return [text_of(record, text_field, f"{path} line {number}") for number, record in jsonl_records(path)]
+
+
+def text_of(record, text_field: str, where: str) -> str:
     if not isinstance(record, dict):
         raise DataError(f"{where} is not a JSON object")
     if text_field not in record:
