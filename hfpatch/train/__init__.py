@@ -3,9 +3,9 @@
 ``hfpatch train MODEL`` (``command.train``) -> ``config.resolve_config`` ->
 ``loop.run_training``, which wires together data (``sources``, ``corpus``,
 ``tokenizer``, ``dataset``, ``batches``; ``workload`` picks them per family, with
-``multimodal`` for LLaVA and ``diffusion`` for Flux), the model (``build``, ``parallelize``),
-the update (``optim``, ``step``), and the run's outputs (``checkpoint``,
-``export``, ``metrics``, ``progress``).
+``multimodal`` / ``llava_data`` for LLaVA and ``diffusion`` / ``flux_data`` for
+Flux), the model (``build``, ``parallelize``), the update (``optim``, ``step``),
+and the run's outputs (``checkpoint``, ``export``, ``metrics``, ``progress``).
 """
 
 from .config import TrainConfig, resolve_config

@@ -85,7 +85,7 @@ def model_config(entry: zoo.Entry, cfg: TrainConfig, vocab_size: int | None, spe
     """
     overrides = cfg.model_overrides
     if entry.family in IMAGE_FAMILIES:
-        return _image_model_config(entry, cfg)
+        return _image_model_config(entry, cfg, vocab_size)
     if cfg.model_path:
         config = pretrained_config(entry, model_class(entry), cfg.model_path)
         _check_override_keys(config, overrides, str(cfg.model_path))
@@ -117,8 +117,12 @@ def model_config(entry: zoo.Entry, cfg: TrainConfig, vocab_size: int | None, spe
     return config
 
 
-def _image_model_config(entry: zoo.Entry, cfg: TrainConfig):
-    """The tiny config of LLaVA (its language model's positions cover seq_len) or Flux (a plain dict)."""
+def _image_model_config(entry: zoo.Entry, cfg: TrainConfig, vocab_size: int | None = None):
+    """The tiny config of LLaVA (its language model's positions cover seq_len) or Flux (a plain dict).
+
+    ``vocab_size`` (LLaVA with a text tokenizer): the text vocab becomes the tokenizer's plus one, the
+    image token, so no text token is taken for an image; ``model.*`` overrides still win.
+    """
     values = dict(cfg.model_overrides)
     _check_override_keys(tiny_config(entry), values, f"{entry.name} tiny")
     if entry.family == "diffusion-transformer":
@@ -126,6 +130,9 @@ def _image_model_config(entry: zoo.Entry, cfg: TrainConfig):
         check_heads(_Heads(config["num_attention_heads"]), cfg.sp)
         return config
     text = dict(entry.test_config.get("text_config", {}))
+    if vocab_size is not None:
+        text["vocab_size"] = vocab_size + 1
+        values.setdefault("image_token_index", vocab_size)
     text.update(values.pop("text_config", None) or {})
     text["max_position_embeddings"] = max(text.get("max_position_embeddings", 0), cfg.seq_len)
     config = tiny_config(entry, text_config=text, **values)

@@ -48,7 +48,8 @@ def _report(exc: Exception) -> None:
 @click.argument("model")
 @click.option("-c", "--config", "config_file", type=click.Path(dir_okay=False), help="InternEvo-style python config file")
 @click.option("--model-path", metavar="DIR", help="start from this local HF checkpoint dir (default: the zoo's tiny random-init config)")
-@click.option("--data", metavar="PATH", help="jsonl / parquet / datasets dir (default: the embedded pydoc corpus)")
+@click.option("--data", metavar="PATH", help="jsonl / parquet / datasets dir (default: the embedded pydoc corpus); "
+              "llava: image+text jsonl; flux: dir of .safetensors latents (default: synthetic)")
 @click.option("--tokenizer", metavar="DIR", help="local tokenizer dir (default: the model's own, else the embedded BPE)")
 @click.option("--text-field", metavar="NAME", help="text field/column of the data [text]")
 @click.option("--seq-len", type=int, help="packed row length [512]")

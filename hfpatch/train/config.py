@@ -58,7 +58,7 @@ SCHEMA: dict[str, Any] = {
         "pipeline": {"size": Option(1, (int,), choices=(1,), help="pipeline parallelism is not supported")},
     },
     "data": {
-        "train_folder": Option(None, (str,), help="jsonl / parquet / datasets dir (default: embedded corpus)"),
+        "train_folder": Option(None, (str,), help="jsonl / parquet / datasets dir; llava: image+text jsonl; flux: .safetensors dir (default: embedded data)"),
         "tokenizer_path": Option(None, (str,), help="local tokenizer dir (default: embedded BPE)"),
         "text_field": Option("text", (str,)),
         "seq_len": Option(512, (int,), minimum=2),

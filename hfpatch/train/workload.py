@@ -2,8 +2,8 @@
 
 The loop is the same for every family; a ``Workload`` supplies the family's parts:
 causal LMs (decoder-lm, decoder-moe, state-space) read packed text, LLaVA packed
-image+text samples (``multimodal``), Flux packed latents with flow matching
-(``diffusion``).
+image+text samples (``multimodal``; ``--data`` read by ``llava_data``), Flux packed
+latents with flow matching (``diffusion``; ``--data`` read by ``flux_data``).
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from . import diffusion, multimodal
+from . import diffusion, flux_data, llava_data, multimodal
 from .batches import BatchStats, packed_micro_batch, padded_micro_batch, step_stats
 from .build import model_config
 from .config import TrainConfig
-from .data import check_vocab, load_dataset
+from .data import check_vocab, load_dataset, load_run_tokenizer
 from .errors import ConfigError
 
 LANGUAGE_FAMILIES = ("decoder-lm", "decoder-moe", "state-space")
@@ -49,20 +49,25 @@ def freeze_vision_tower(model: torch.nn.Module) -> None:
 
 
 def check_supported(entry, cfg: TrainConfig) -> None:
-    """Options the image families do not take yet, refused before any work."""
+    """Options the image families do not take (yet), refused before any work."""
     if entry.family in LANGUAGE_FAMILIES:
         return
-    for flag, given in (("--data", cfg.data_path), ("--model-path", cfg.model_path), ("--tokenizer", cfg.tokenizer_path),
-                        ("--export", cfg.export), ("--padded", not cfg.packed)):
+    for flag, given in (("--model-path", cfg.model_path), ("--export", cfg.export), ("--padded", not cfg.packed)):
         if given:
             raise ConfigError(f"{flag} is not supported for {entry.name} ({entry.family}) yet; "
-                              f"it trains packed on its embedded synthetic data")
+                              f"it trains packed from a random init, on --data or its embedded synthetic data")
+    if cfg.tokenizer_path and entry.family == DIFFUSION:
+        raise ConfigError(f"--tokenizer is not supported for {entry.name} ({entry.family}); "
+                          f"it trains on precomputed text embeddings (prompt_embeds in the --data files)")
+    if cfg.tokenizer_path and not cfg.data_path:
+        raise ConfigError(f"--tokenizer needs --data for {entry.name} ({entry.family}); "
+                          f"the embedded synthetic captions have their own word vocab")
 
 
 def load_workload(entry, cfg: TrainConfig, rank: int, dtype: torch.dtype) -> Workload:
     check_supported(entry, cfg)
     if entry.family == VISION_LANGUAGE:
-        return _llava(entry, cfg, dtype)
+        return _llava(entry, cfg, rank)
     if entry.family == DIFFUSION:
         return _flux(entry, cfg, dtype)
     return _language(entry, cfg, rank)
@@ -79,17 +84,29 @@ def _language(entry, cfg: TrainConfig, rank: int) -> Workload:
     )
 
 
-def _llava(entry, cfg: TrainConfig, dtype: torch.dtype) -> Workload:
-    config = model_config(entry, cfg, vocab_size=None)
-    vocab = multimodal.WordVocab()
-    image_token = config.image_token_id
-    if vocab.vocab_size > config.text_config.vocab_size:
-        raise ConfigError(f"the caption vocab has {vocab.vocab_size} words but model vocab_size={config.text_config.vocab_size}")
-    samples = multimodal.synthetic_samples(
-        vocab, image_token_id=image_token, image_seq_length=config.image_seq_length,
-        image_size=config.vision_config.image_size, count=SYNTHETIC_SAMPLES, seed=cfg.seed,
-    )
-    source = "the embedded synthetic captioned rectangles"
+def _llava(entry, cfg: TrainConfig, rank: int) -> Workload:
+    if cfg.data_path:
+        records = llava_data.read_records(cfg.data_path, cfg.text_field)
+        vocab = load_run_tokenizer(cfg, [r.text for r in records], rank)
+        config = model_config(entry, cfg, vocab_size=vocab.vocab_size)
+        image_token = config.image_token_id
+        if not vocab.vocab_size <= image_token < config.text_config.vocab_size:
+            raise ConfigError(f"the tokenizer has {vocab.vocab_size} tokens, so image_token_index must be at least that and below "
+                              f"the text vocab_size; got image_token_index={image_token}, vocab_size={config.text_config.vocab_size}")
+        samples = llava_data.build_samples(records, vocab, image_token_id=image_token, image_seq_length=config.image_seq_length,
+                                           image_size=config.vision_config.image_size)
+        source = str(cfg.data_path)
+    else:
+        config = model_config(entry, cfg, vocab_size=None)
+        vocab = multimodal.WordVocab()
+        image_token = config.image_token_id
+        if vocab.vocab_size > config.text_config.vocab_size:
+            raise ConfigError(f"the caption vocab has {vocab.vocab_size} words but model vocab_size={config.text_config.vocab_size}")
+        samples = multimodal.synthetic_samples(
+            vocab, image_token_id=image_token, image_seq_length=config.image_seq_length,
+            image_size=config.vision_config.image_size, count=SYNTHETIC_SAMPLES, seed=cfg.seed,
+        )
+        source = "the embedded synthetic captioned rectangles"
     dataset = multimodal.pack_rows(samples, cfg.seq_len, image_token, source)
     # the loss is the causal LM one: step._forward_inputs passes pixel_values along
     return Workload(
@@ -103,10 +120,14 @@ def _llava(entry, cfg: TrainConfig, dtype: torch.dtype) -> Workload:
 
 def _flux(entry, cfg: TrainConfig, dtype: torch.dtype) -> Workload:
     config = model_config(entry, cfg, vocab_size=None)
-    samples = diffusion.synthetic_latents(config, count=SYNTHETIC_SAMPLES, seq_len=cfg.seq_len, seed=cfg.seed)
+    if cfg.data_path:
+        samples, source = flux_data.read_latents(cfg.data_path, config, cfg.seq_len), str(cfg.data_path)
+    else:
+        samples = diffusion.synthetic_latents(config, count=SYNTHETIC_SAMPLES, seq_len=cfg.seq_len, seed=cfg.seed)
+        source = "the embedded synthetic latents"
     dataset = diffusion.pack_latents(samples, cfg.seq_len)
     return Workload(
-        dataset=dataset, source="the embedded synthetic latents", tokenizer=None, tokenizer_source="none (text embeddings given)",
+        dataset=dataset, source=source, tokenizer=None, tokenizer_source="none (text embeddings given)",
         config=config, stats=lambda rows: diffusion.flux_stats(rows, cfg.seq_len),
         micro_batch=lambda rows, sp_rank, sp, seed: diffusion.flux_micro_batch(rows, sp_rank, sp, noise_seed=seed),
         loss=lambda model, batch, num_targets, device: diffusion.flux_loss(model, batch, num_targets, device, dtype),
