@@ -125,7 +125,8 @@ def launch(tokens: int, nproc: int, timeout: float, tiny: bool) -> dict:
         try:
             proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
-            return {"tokens": tokens, "ok": False, "error": f"timed out after {timeout:.0f} s", "wall_s": timeout}
+            # not a failure to fit: the bisection stops here rather than calling this length too long
+            return {"tokens": tokens, "ok": None, "error": f"timed out after {timeout:.0f} s", "wall_s": timeout}
         wall = time.perf_counter() - started
         if proc.returncode == 0 and os.path.exists(result):
             with open(result) as handle:
@@ -168,10 +169,13 @@ def bisect(args) -> None:
         if left < 60 or need > left:
             report["stopped"] = f"deadline: {left:.0f} s left, a {tokens // K}K trial needs ~{need:.0f} s"
             break
-        result = launch(tokens, args.nproc, timeout=left, tiny=args.tiny)
+        result = launch(tokens, args.nproc, timeout=min(left, args.trial_timeout), tiny=args.tiny)
         trials.append(result)
         print(json.dumps(result), flush=True)
-        if result.get("ok"):
+        if result["ok"] is None:
+            report["stopped"] = f"the {tokens // K}K trial ran out of time (--trial-timeout / --deadline)"
+            break
+        if result["ok"]:
             good = tokens
         else:
             bad = tokens
@@ -195,6 +199,7 @@ def main():
     parser.add_argument("--high", type=int, default=2048 * K, help="never try longer")
     parser.add_argument("--granularity", type=int, default=32 * K, help="stop when the bracket is this narrow")
     parser.add_argument("--deadline", type=float, default=540, help="seconds for the whole bisection")
+    parser.add_argument("--trial-timeout", type=float, default=float("inf"), help="give a trial up after this many seconds")
     parser.add_argument("--good", type=int, default=0, help="a length known to train (resume a stopped bisection)")
     parser.add_argument("--bad", type=int, default=None, help="a length known to fail (resume a stopped bisection)")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model: smoke-test the script on CPU")

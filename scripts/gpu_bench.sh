@@ -23,7 +23,7 @@ case "${1:-}" in
     stage env OUT="$RESULTS/gpu_check" bash scripts/gpu_check.sh
     stage python3 scripts/bench_attention.py --out "$RESULTS/attention.json"
     stage python3 scripts/bench_packing.py --out "$RESULTS/mfu.json" --tokens-per-step 8192 \
-      --contenders hfpatch,hfpatch_cudnn,hfpatch_compiled
+      --contenders hfpatch,hfpatch_compiled
     stage "${TORCHRUN[@]}" --nproc-per-node 1 scripts/profile_step.py --out "$RESULTS/profile_sp1.json"
     stage "${TORCHRUN[@]}" --nproc-per-node "$NGPU" scripts/profile_step.py --out "$RESULTS/profile_sp$NGPU.json"
     stage "${TORCHRUN[@]}" --nproc-per-node "$NGPU" scripts/bench_isp.py --out "$RESULTS/isp.json"

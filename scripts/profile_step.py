@@ -68,7 +68,8 @@ def main():
         device_us = getattr(event, "self_device_time_total", None)
         if device_us is None:
             device_us = event.self_cuda_time_total
-        if device_us <= 0 or event.device_type != torch.autograd.DeviceType.CUDA:
+        # "nccl:*" are NCCL's own ranges around its kernels: counting them too would double the time
+        if device_us <= 0 or event.device_type != torch.autograd.DeviceType.CUDA or event.key.startswith("nccl:"):
             continue
         per_category[category(event.key)] += device_us
         kernels.append({"kernel": event.key[:120], "ms": device_us / 1000, "calls": event.count,

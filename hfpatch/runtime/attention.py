@@ -5,7 +5,6 @@ tokens of the pack and ``cu_seqlens`` its int32 segment boundaries. Backends:
 
 ``flash_attn``    flash-attn 2 ``flash_attn_varlen_func`` (CUDA, fp16/bf16)
 ``torch_varlen``  ``torch.nn.attention.varlen.varlen_attn`` (CUDA, torch >= 2.10)
-``cudnn_varlen``  cuDNN's ragged attention through aten (CUDA; only when asked for)
 ``fa4``           flash-attn 4 ``flash_attn.cute`` (CUDA; only when asked for)
 ``reference``     SDPA once per segment: any device, any dtype, autograd
 
@@ -29,7 +28,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("flash_attn", "torch_varlen", "cudnn_varlen", "fa4", "reference")
+BACKENDS = ("flash_attn", "torch_varlen", "fa4", "reference")
 ENV_VAR = "HFPATCH_ATTN_BACKEND"
 _FLASH_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -120,11 +119,6 @@ def _load(name: str) -> tuple[Callable | None, Callable | None, str | None]:
         if name == "torch_varlen":
             mod = importlib.import_module("torch.nn.attention.varlen")
             return mod.varlen_attn, None, None
-        if name == "cudnn_varlen":
-            op = torch.ops.aten._cudnn_attention_forward.default
-            if "cum_seq_q" not in {a.name for a in op._schema.arguments}:
-                raise AttributeError("aten._cudnn_attention_forward takes no cum_seq_q")
-            return op, None, None
         if name == "fa4":
             mod = importlib.import_module("flash_attn.cute")
             return mod.flash_attn_varlen_func, None, None
@@ -143,7 +137,6 @@ def _parameters(fn: Callable) -> frozenset[str]:
 _MISSING_HINT = {
     "flash_attn": "flash-attn 2 is not importable",
     "torch_varlen": f"torch {torch.__version__} has no torch.nn.attention.varlen.varlen_attn (needs torch >= 2.10)",
-    "cudnn_varlen": f"torch {torch.__version__} has no ragged cuDNN attention",
     "fa4": "flash-attn 4 (flash_attn.cute) is not importable",
 }
 
@@ -166,11 +159,6 @@ def _device_problem(name: str, q: torch.Tensor, dropout_p: float, window: tuple[
     """Why backend ``name`` cannot run this particular call, or None."""
     if name == "reference":
         return None
-    if name == "cudnn_varlen":
-        if dropout_p > 0:
-            return "the cuDNN varlen backend has no dropout"
-        if window not in ((-1, -1), (-1, 0)):
-            return "cuDNN ragged attention has no sliding window"
     if q.device.type != "cuda" or q.dtype not in _FLASH_DTYPES:
         return f"it needs CUDA tensors in float16/bfloat16, got {q.device.type} {q.dtype}"
     if name == "torch_varlen":
@@ -277,33 +265,6 @@ def _torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, window, scale):
     return out[0] if isinstance(out, tuple) else out
 
 
-class _CudnnVarlen(torch.autograd.Function):
-    """cuDNN ragged attention, self-attention packs only (cu_q == cu_k; causal is per segment)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, cu, max_len, causal, scale):
-        out, lse, _, _, _, _, seed, offset, _ = torch.ops.aten._cudnn_attention_forward(
-            q, k, v, None, cu, cu, max_len, max_len, True, 0.0, causal, False, scale=scale)
-        ctx.save_for_backward(q, k, v, out, lse, seed, offset, cu)
-        ctx.max_len, ctx.causal, ctx.scale = max_len, causal, scale
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, out, lse, seed, offset, cu = ctx.saved_tensors
-        dq, dk, dv = torch.ops.aten._cudnn_attention_backward(
-            grad_out.contiguous(), q, k, v, out, lse, seed, offset, q.new_empty(0), cu, cu,
-            ctx.max_len, ctx.max_len, 0.0, ctx.causal, scale=ctx.scale)
-        return dq, dk, dv, None, None, None, None
-
-
-def _cudnn_varlen(q, k, v, cu_q, cu_k, max_q, window, scale):
-    if cu_q is not cu_k and not torch.equal(cu_q, cu_k):
-        raise AttentionBackendError("the cuDNN varlen backend runs self-attention packs only (cu_seqlens_q == cu_seqlens_k)")
-    k, v = _repeat_kv(k, v, q.shape[1])
-    return _CudnnVarlen.apply(q.contiguous(), k.contiguous(), v.contiguous(), cu_q, int(max_q), window == (-1, 0), scale)
-
-
 def _fa4(q, k, v, cu_q, cu_k, max_q, max_k, causal, window, scale):
     fn = _load("fa4")[0]
     params = _parameters(fn)
@@ -357,8 +318,6 @@ def varlen_attention(
         )
     if name == "torch_varlen":
         return _torch_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window, scale)
-    if name == "cudnn_varlen":
-        return _cudnn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, window, scale)
     return _fa4(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, window, scale)
 
 
