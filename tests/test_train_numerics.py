@@ -40,6 +40,15 @@ def test_activation_checkpointing_changes_nothing(reference, tmp_path):
     assert_same_curve(tmp_path, reference)
 
 
+def test_compiled_mlp_and_norms_change_nothing(reference, tmp_path):
+    result = cli_ok("llama2", *COMMON, "--compile", "--out", tmp_path)
+    assert "MLP and norms compiled" in result.output
+    got, want = metrics(tmp_path), metrics(reference)
+    # inductor fuses (and so reorders) float64 arithmetic: equal to rounding, not bit for bit
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in want], rel=1e-6)
+    assert [r["grad_norm"] for r in got] == pytest.approx([r["grad_norm"] for r in want], rel=1e-7)
+
+
 def test_isp_sp2_equals_sp1(reference, tmp_path):
     # Through the --nproc launcher: torchrun with 2 gloo workers, one ISP group.
     proc = module("llama2", *COMMON, "--nproc", "2", "--sp", "2", "--out", tmp_path)
@@ -63,3 +72,16 @@ def test_loss_goes_down(train_env, tmp_path):
     curve = [r["loss"] for r in metrics(tmp_path)]
     assert sum(curve[-3:]) / 3 < curve[0] - 0.5
     assert (tmp_path / "loss.png").stat().st_size > 1000
+
+
+def test_compile_reaches_the_mlp_and_norms_of_every_layer_and_nothing_else(train_env):
+    from hfpatch import modeling, zoo
+    from hfpatch.train.parallelize import compile_layer_parts
+
+    entry = zoo.resolve("llama2")
+    model = modeling.build_model(entry)
+    assert compile_layer_parts(model) == ["input_layernorm", "mlp", "post_attention_layernorm"]
+    compiled = {name for name, m in model.named_modules() if getattr(m, "_compiled_call_impl", None) is not None}
+    layers = model.config.num_hidden_layers
+    assert len(compiled) == 3 * layers
+    assert not any("self_attn" in name or "embed" in name or "lm_head" in name for name in compiled)

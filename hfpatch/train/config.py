@@ -69,6 +69,7 @@ SCHEMA: dict[str, Any] = {
     },
     "model": {
         "checkpoint": Option(False, (bool,), help="activation checkpointing"),
+        "compile": Option(False, (bool,), help="torch.compile each decoder layer's MLP and norms"),
         "dtype": Option("auto", (str,), choices=DTYPES, help="auto: bf16 compute over float32 weights on GPU, float32 on CPU"),
         "init_std": Option(0.02, NUMBER, minimum=0),
     },
@@ -213,6 +214,7 @@ _FLAT = {
     "packed": ("data", "use_packed_dataset"),
     "overflow": ("data", "overflow"),
     "activation_checkpointing": ("model", "checkpoint"),
+    "compile": ("model", "compile"),
     "dtype": ("model", "dtype"),
     "init_std": ("model", "init_std"),
 }

@@ -94,7 +94,7 @@ class _Trainer:
         self.params, self.matmul_params = count_parameters(model)
         self.model = parallelize(
             model, world=self.world, activation_checkpointing=cfg.activation_checkpointing,
-            compute_dtype=compute_dtype(cfg.dtype, self.device),
+            compute_dtype=compute_dtype(cfg.dtype, self.device), compile_parts=cfg.compile,
         )
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
@@ -109,7 +109,7 @@ class _Trainer:
             f"hfpatch train {self.entry.name}: {self.params / 1e6:.2f}M params "
             f"({describe_config(self.config)}), "
             f"world {self.world} = dp {self.dp} x sp {self.sp}, wp {cfg.wp}, device {self.device.type}, "
-            f"attention {self.attention_backend()}\n"
+            f"attention {self.attention_backend()}{', MLP and norms compiled' if cfg.compile else ''}\n"
             f"data: {self.source}: {data.num_documents} documents, {data.num_tokens:,} tokens -> {len(data.rows)} rows "
             f"of {data.seq_len} ({'packed' if cfg.packed else 'padded batches'}; packing efficiency {data.efficiency:.1%}); "
             f"tokenizer: {self.workload.tokenizer_source}\n"

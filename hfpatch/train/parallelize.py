@@ -1,4 +1,4 @@
-"""Wrap the model for the run: activation checkpointing and FSDP2 weight sharding."""
+"""Wrap the model for the run: torch.compile, activation checkpointing and FSDP2 weight sharding."""
 
 from __future__ import annotations
 
@@ -7,12 +7,34 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
 
 from hfpatch.runtime import apply_weight_parallel
+from hfpatch.runtime.weight_parallel import find_decoder_layers
+
+COMPILED_PARTS = ("mlp", "norm")  # decoder-layer children whose names end so are compiled
+
+
+def compile_layer_parts(model: torch.nn.Module) -> list[str]:
+    """torch.compile the MLP and norms of every decoder layer, in place; returns their names.
+
+    Attention stays eager: it reads the step's cu_seqlens / max_seqlen from ``gpc``, and
+    dynamo would guard on those values and recompile every step. The fused elementwise work
+    of the MLP and norms is what compile buys (measured in docs/benchmarks.md, section 3).
+    """
+    compiled = []
+    for layer in find_decoder_layers(model):
+        for name, part in layer.named_children():
+            if name.lower().endswith(COMPILED_PARTS):
+                part.compile()
+                compiled.append(name)
+    return sorted(set(compiled))
 
 
 def parallelize(
     model: torch.nn.Module, *, world: int, activation_checkpointing: bool, compute_dtype: torch.dtype | None = None,
+    compile_parts: bool = False,
 ) -> torch.nn.Module:
     """FSDP2 whenever there is more than one rank or mixed precision is wanted (one GPU too)."""
+    if compile_parts:
+        compile_layer_parts(model)
     if activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if world > 1 or compute_dtype is not None:
