@@ -1,5 +1,5 @@
 """`hfpatch train llava` / `hfpatch train flux` on their embedded synthetic data: finite losses, and
-ISP sp=2 reproduces the sp=1 loss curve."""
+ISP sp=2 (alone and with FSDP2 weight parallel wp=2) reproduces the one-process loss curve."""
 
 import math
 import shutil
@@ -22,15 +22,17 @@ def test_train_runs_and_records_finite_losses(train_env, tmp_path, model):
 
 
 @pytest.mark.parametrize("model", ["llava", "flux"])
-def test_isp_sp2_curve_equals_sp1(train_env, tmp_path, model):
+def test_isp_and_weight_parallel_curves_equal_one_process(train_env, tmp_path, model):
     common = [*SMALL, "--steps", "2", "--dtype", "float64", "--seed", "5"]
     cli_ok(model, *common, "--out", tmp_path / "sp1")
-    torchrun(model, *common, "--sp", "2", "--out", tmp_path / "sp2")
-    want, got = metrics(tmp_path / "sp1"), metrics(tmp_path / "sp2")
-    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in want], rel=1e-6)
-    assert [r["grad_norm"] for r in got] == pytest.approx([r["grad_norm"] for r in want], rel=1e-9)
-    assert [r["tokens"] for r in got] == [r["tokens"] for r in want]
+    want = metrics(tmp_path / "sp1")
     assert want[0]["loss"] != want[1]["loss"]  # really training
+    for name, layout in (("sp2", ["--sp", "2"]), ("sp2_wp2", ["--sp", "2", "--wp", "2"])):
+        torchrun(model, *common, *layout, "--out", tmp_path / name)
+        got = metrics(tmp_path / name)
+        assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in want], rel=1e-6), name
+        assert [r["grad_norm"] for r in got] == pytest.approx([r["grad_norm"] for r in want], rel=1e-9), name
+        assert [r["tokens"] for r in got] == [r["tokens"] for r in want], name
 
 
 @pytest.mark.parametrize("model", ["llava", "flux"])
