@@ -6,8 +6,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
 
-from hfpatch.runtime import apply_weight_parallel
-from hfpatch.runtime.weight_parallel import find_decoder_layers
+from hfpatch.runtime import apply_weight_parallel, find_decoder_layers
 
 COMPILED_PARTS = ("mlp", "norm")  # decoder-layer children whose names end so are compiled
 
