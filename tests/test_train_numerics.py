@@ -85,3 +85,6 @@ def test_compile_reaches_the_mlp_and_norms_of_every_layer_and_nothing_else(train
     layers = model.config.num_hidden_layers
     assert len(compiled) == 3 * layers
     assert not any("self_attn" in name or "embed" in name or "lm_head" in name for name in compiled)
+    # a mixture-of-experts block routes tokens data-dependently: it stays eager
+    moe = modeling.build_model(zoo.resolve("mixtral"))
+    assert compile_layer_parts(moe) == ["input_layernorm", "post_attention_layernorm"]

@@ -21,7 +21,8 @@ def compile_layer_parts(model: torch.nn.Module) -> list[str]:
     compiled = []
     for layer in find_decoder_layers(model):
         for name, part in layer.named_children():
-            if name.lower().endswith(COMPILED_PARTS):
+            # MoE blocks stay eager too: data-dependent routing breaks the graph every step
+            if name.lower().endswith(COMPILED_PARTS) and not hasattr(part, "experts"):
                 part.compile()
                 compiled.append(name)
     return sorted(set(compiled))
