@@ -43,6 +43,11 @@ CASES = {
     "missing config file": (lambda t: ["llama2", "-c", t / "none.py"], "config file"),
     "bad resume path": (lambda t: ["llama2", "--resume", t / "nowhere"], "--resume must be auto, never or an existing checkpoint path"),
     "tokenizer dir missing": (lambda t: ["llama2", "--tokenizer", t / "tok"], "does not exist"),
+    "chunked loss on a head that is not a plain projection": (
+        lambda t: ["baichuan2", "--loss-chunk", "32"],
+        "--loss-chunk is not supported for baichuan2: it has a BaichuanNormHead output head"),
+    "chunked loss on a model with no LM head": (
+        lambda t: ["flux", "--loss-chunk", "32"], "--loss-chunk is not supported for flux (diffusion-transformer)"),
 }
 
 

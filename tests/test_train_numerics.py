@@ -29,6 +29,13 @@ def assert_same_curve(run, reference, rel=1e-6):
     assert [r["tokens"] for r in got] == [r["tokens"] for r in want]
 
 
+def assert_same_weights(export, reference_export):
+    got, want = load_file(export / "model.safetensors"), load_file(reference_export / "model.safetensors")
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-9, atol=1e-12)
+
+
 def test_packed_run_equals_the_same_documents_padded(reference, tmp_path):
     cli_ok("llama2", *COMMON, "--padded", "--out", tmp_path)
     assert_same_curve(tmp_path, reference)
@@ -38,6 +45,33 @@ def test_packed_run_equals_the_same_documents_padded(reference, tmp_path):
 def test_activation_checkpointing_changes_nothing(reference, tmp_path):
     cli_ok("llama2", *COMMON, "--activation-checkpointing", "--out", tmp_path)
     assert_same_curve(tmp_path, reference)
+
+
+def test_chunked_loss_changes_nothing(reference, tmp_path):
+    # 37-token chunks: several per 128-token pack, the last one short
+    cli_ok("llama2", *COMMON, "--loss-chunk", "37", "--out", tmp_path, "--export", tmp_path / "hf")
+    assert_same_curve(tmp_path, reference)
+    assert_same_weights(tmp_path / "hf", reference / "hf")  # same checkpoint keys: the head keeps its name
+
+
+def test_chunked_loss_under_isp_and_weight_parallel(reference, tmp_path):
+    # FSDP2 keeps the root (with the output head) gathered after forward; the loss reads it there
+    torchrun("llama2", *COMMON, "--sp", "2", "--wp", "2", "--loss-chunk", "37", "--out", tmp_path)
+    assert_same_curve(tmp_path, reference)
+
+
+@pytest.mark.parametrize("model", ["mixtral", "mamba", "internlm2", "llava"])
+def test_chunked_loss_equals_the_full_loss_for_other_heads(train_env, tmp_path, model):
+    # Mixtral adds its router aux loss, Mamba's head gets float32 states, InternLM2's head is called
+    # `output`, LLaVA's loss skips image tokens. float32: transformers' MoE kernels take no float64.
+    common = ["--seq-len", "64", "--micro-num", "2", "--steps", "2", "--dtype", "float32", "--seed", "3"]
+    cli_ok(model, *common, "--out", tmp_path / "full")
+    cli_ok(model, *common, "--loss-chunk", "20", "--out", tmp_path / "chunked")
+    got, want = metrics(tmp_path / "chunked"), metrics(tmp_path / "full")
+    assert want[0]["loss"] != want[1]["loss"]  # really training
+    # the chunks' sums add up in another order: float32 rounding, no more
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in want], rel=1e-5)
+    assert [r["grad_norm"] for r in got] == pytest.approx([r["grad_norm"] for r in want], rel=1e-5)
 
 
 def test_compiled_mlp_and_norms_change_nothing(reference, tmp_path):
@@ -61,10 +95,7 @@ def test_weight_parallel_with_data_parallel_equals_single_process(reference, tmp
     # weights FSDP2-sharded over both ranks, then gathered for the export.
     torchrun("llama2", *COMMON, "--micro-num", "1", "--wp", "2", "--out", tmp_path, "--export", tmp_path / "hf")
     assert_same_curve(tmp_path, reference)
-    got, want = load_file(tmp_path / "hf" / "model.safetensors"), load_file(reference / "hf" / "model.safetensors")
-    assert got.keys() == want.keys()
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-9, atol=1e-12)
+    assert_same_weights(tmp_path / "hf", reference / "hf")
 
 
 def test_loss_goes_down(train_env, tmp_path):

@@ -64,7 +64,7 @@ def _divide(token_sum: torch.Tensor, num_valid_tokens: int | torch.Tensor) -> to
 
 
 def _chunk_token_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    logits = hidden @ weight.t()
+    logits = hidden.to(weight.dtype) @ weight.t()  # Mamba hands its head float32 states
     return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels,
                            ignore_index=ignore_index, reduction="sum")
 

@@ -52,7 +52,9 @@ def apply_weight_parallel(
     mp_policy: MixedPrecisionPolicy | None = None,
     gradient_divide_factor: float | None = 1.0,
 ) -> nn.Module:
-    """Shard ``model`` in place with FSDP2: each decoder layer, then the root.
+    """Shard ``model`` in place with FSDP2: each decoder layer, then the root
+    (``reshard_after_forward`` applies to the layers; the root keeps its weights gathered
+    until backward).
 
     ``gradient_divide_factor=1.0`` makes FSDP2 sum gradients across ranks, which is
     what :func:`hfpatch.runtime.causal_lm_loss` (normalised by the global token
@@ -65,7 +67,10 @@ def apply_weight_parallel(
         kwargs["mp_policy"] = mp_policy
     for layer in list(layers) if layers is not None else find_decoder_layers(model):
         fully_shard(layer, **kwargs)
-    fully_shard(model, **kwargs)
+    # The root (embeddings, final norm, output head) stays gathered from forward to backward, as
+    # FSDP2 itself chooses for a root: backward needs it first, and a loss computed after forward
+    # (chunked_causal_lm_loss on the output head's weight) reads it.
+    fully_shard(model, **{**kwargs, "reshard_after_forward": False})
     if gradient_divide_factor is not None:
         for module in model.modules():
             if isinstance(module, FSDPModule):

@@ -24,7 +24,7 @@ OPTION_KEYS = {
     "sp": "parallel.tensor.size", "wp": "parallel.weight.size", "steps": "total_steps", "lr": "lr",
     "warmup_steps": "warmup_steps", "seed": "seed", "dtype": "model.dtype",
     "activation_checkpointing": "model.checkpoint", "compile": "model.compile", "out": "out", "checkpoint_every": "checkpoint_every",
-    "keep_checkpoints": "keep_checkpoints", "resume": "resume", "export": "export",
+    "keep_checkpoints": "keep_checkpoints", "resume": "resume", "export": "export", "loss_chunk": "loss_chunk",
 }
 
 
@@ -66,6 +66,8 @@ def _report(exc: Exception) -> None:
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float64", "bfloat16"]), help="parameter dtype [auto: bf16 compute over float32 weights on GPU, float32 on CPU]")
 @click.option("--activation-checkpointing/--no-activation-checkpointing", default=None, help="recompute activations in backward [off]")
 @click.option("--compile/--no-compile", default=None, help="torch.compile each decoder layer's MLP and norms [off]")
+@click.option("--loss-chunk", type=int, metavar="TOKENS", help="compute the LM loss this many tokens at a time, so the "
+              "logits of a long sequence never exist whole (language models, LLaVA); 0 = off [0]")
 @click.option("--out", metavar="DIR", help="run directory for checkpoints, metrics.jsonl, loss.png [runs/MODEL]")
 @click.option("--checkpoint-every", type=int, help="save every N steps; 0 = only at the end [0]")
 @click.option("--keep-checkpoints", type=int, help="complete checkpoints to keep [2]")

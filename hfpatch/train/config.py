@@ -44,6 +44,7 @@ SCHEMA: dict[str, Any] = {
     "adam_betas": Option((0.9, 0.95), (tuple, list)),
     "adam_eps": Option(1e-8, NUMBER, minimum=0),
     "clip_grad_norm": Option(1.0, NUMBER, minimum=0, help="0 disables clipping (the norm is still reported)"),
+    "loss_chunk": Option(0, (int,), minimum=0, help="tokens per chunk of the LM loss, whose logits never exist whole; 0 = off"),
     "model_path": Option(None, (str,), help="local HF checkpoint dir to start from"),
     "out": Option(None, (str,), help="run directory (default runs/<model>)"),
     "checkpoint_every": Option(0, (int,), minimum=0, help="0: only at the end"),

@@ -24,6 +24,7 @@ from .config import TrainConfig, check_world_size
 from .dataset import RowStream
 from .errors import ConfigError, DataError, NonFiniteLossError, TrainError
 from .export import export_hf
+from .output_head import defer_output_projection
 from .launch import attempt_scoped_process_group, world_info
 from .metrics import MetricsLog, RunSummary, peak_flops, plot_loss, read_metrics, step_flops
 from .optim import build_optimizer, build_scheduler
@@ -91,6 +92,8 @@ class _Trainer:
         model = build_model(self.entry, cfg, self.config, self.device)
         if self.workload.prepare_model is not None:
             self.workload.prepare_model(model)
+        if cfg.loss_chunk:
+            defer_output_projection(model, self.entry.name)
         self.params, self.matmul_params = count_parameters(model)
         self.model = parallelize(
             model, world=self.world, activation_checkpointing=cfg.activation_checkpointing,
@@ -109,7 +112,8 @@ class _Trainer:
             f"hfpatch train {self.entry.name}: {self.params / 1e6:.2f}M params "
             f"({describe_config(self.config)}), "
             f"world {self.world} = dp {self.dp} x sp {self.sp}, wp {cfg.wp}, device {self.device.type}, "
-            f"attention {self.attention_backend()}{', MLP and norms compiled' if cfg.compile else ''}\n"
+            f"attention {self.attention_backend()}{', MLP and norms compiled' if cfg.compile else ''}"
+            f"{f', loss in {cfg.loss_chunk}-token chunks' if cfg.loss_chunk else ''}\n"
             f"data: {self.source}: {data.num_documents} documents, {data.num_tokens:,} tokens -> {len(data.rows)} rows "
             f"of {data.seq_len} ({'packed' if cfg.packed else 'padded batches'}; packing efficiency {data.efficiency:.1%}); "
             f"tokenizer: {self.workload.tokenizer_source}\n"
@@ -183,7 +187,7 @@ class _Trainer:
             self.model, self.optimizer, self.scheduler, self.micro_batches(rows, state.rows_consumed),
             num_targets=stats.targets, packed=cfg.packed, device=self.device,
             clip_grad_norm=float(cfg.clip_grad_norm), step=step, rank=self.rank,
-            loss_fn=self.workload.loss, input_dtype=param_dtype(cfg.dtype, self.device),
+            loss_fn=self.workload.loss, input_dtype=param_dtype(cfg.dtype, self.device), loss_chunk=cfg.loss_chunk,
         )
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

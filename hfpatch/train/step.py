@@ -13,10 +13,13 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from hfpatch.runtime import ParallelMode, causal_lm_loss, clear_packed_batch, global_loss, gpc, set_packed_batch
+from hfpatch.runtime import (
+    ParallelMode, causal_lm_loss, chunked_causal_lm_loss, clear_packed_batch, global_loss, gpc, set_packed_batch,
+)
 
 from . import faults
 from .errors import NonFiniteLossError
+from .output_head import output_weight
 from .parallelize import set_gradient_sync
 
 
@@ -69,9 +72,12 @@ def train_step(
     rank: int,
     loss_fn: Callable[..., torch.Tensor] | None = None,
     input_dtype: torch.dtype | None = None,
+    loss_chunk: int = 0,
 ) -> StepResult:
     """``loss_fn(model, batch, num_targets, device)``: this rank's share of a micro-batch's loss
-    (Flux's flow matching); None for the causal LM loss. ``input_dtype``: of pixel_values."""
+    (Flux's flow matching); None for the causal LM loss. ``input_dtype``: of pixel_values.
+    ``loss_chunk``: the model returns hidden states (``output_head.defer_output_projection``) and
+    the causal LM loss projects them this many tokens at a time."""
     lr = scheduler.get_last_lr()[0]
     loss_sum = torch.zeros((), device=device)
     aux_coef = _router_aux_coef(model)
@@ -87,7 +93,12 @@ def train_step(
             else:
                 clear_packed_batch()
             output = model(**_forward_inputs(batch, device, aux_coef > 0, input_dtype))
-            loss = causal_lm_loss(output.logits, batch["labels"].to(device), num_valid_tokens=num_targets)
+            labels = batch["labels"].to(device)
+            if loss_chunk:
+                loss = chunked_causal_lm_loss(output.logits, output_weight(model), labels, chunk_tokens=loss_chunk,
+                                              num_valid_tokens=num_targets)
+            else:
+                loss = causal_lm_loss(output.logits, labels, num_valid_tokens=num_targets)
             if aux_coef > 0 and output.aux_loss is not None:
                 loss = loss + aux_coef * output.aux_loss / packs_per_step
         loss = faults.maybe_poison(loss, step, rank)

@@ -56,6 +56,9 @@ def check_supported(entry, cfg: TrainConfig) -> None:
         if given:
             raise ConfigError(f"{flag} is not supported for {entry.name} ({entry.family}) yet; "
                               f"it trains packed from a random init, on --data or its embedded synthetic data")
+    if cfg.loss_chunk and entry.family == DIFFUSION:
+        raise ConfigError(f"--loss-chunk is not supported for {entry.name} ({entry.family}): "
+                          f"its loss is flow matching, not a language-model loss")
     if cfg.tokenizer_path and entry.family == DIFFUSION:
         raise ConfigError(f"--tokenizer is not supported for {entry.name} ({entry.family}); "
                           f"it trains on precomputed text embeddings (prompt_embeds in the --data files)")
