@@ -4,9 +4,9 @@
 ``loop.run_training``, which wires together data (``sources``, ``corpus``,
 ``tokenizer``, ``dataset``, ``batches``; ``workload`` picks them per family, with
 ``multimodal`` / ``llava_data`` for LLaVA and ``diffusion`` / ``flux_data`` for
-Flux), the model (``build``, ``parallelize``, ``output_head`` for the chunked loss), the
-update (``optim``, ``step``),
-and the run's outputs (``checkpoint``, ``export``, ``metrics``, ``progress``).
+Flux), the model (``build``, ``parallelize``, ``output_head`` for the chunked loss),
+the update (``optim``, ``step``), and the run's outputs (``checkpoint``, ``export``,
+``metrics``, ``progress``).
 """
 
 from .config import TrainConfig, resolve_config
