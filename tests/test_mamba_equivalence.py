@@ -137,6 +137,23 @@ def test_conv_and_state_each_restart_at_document_starts():
     assert (leaky - alone).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("length", [1, 7, 8, 9, 30])
+def test_parallel_scan_equals_the_token_by_token_recurrence(length):
+    """`scan_linear_recurrence` against a plain loop, with chunks of 8: inside one chunk, exactly chunk-sized,
+    one token over, several chunks and a partial one; decays of 0 (document starts) included."""
+    module = modeling.load_patched_module(zoo.resolve("mamba"))
+    g = torch.Generator().manual_seed(length)
+    a = torch.rand(2, 3, length, 4, generator=g, dtype=torch.float64)
+    a[:, :, torch.rand(length, generator=g) < 0.2] = 0.0
+    b = torch.randn(2, 3, length, 4, generator=g, dtype=torch.float64)
+    decay, states = module.scan_linear_recurrence(a, b, chunk=8)
+    h, prod = torch.zeros(2, 3, 4, dtype=torch.float64), torch.ones(2, 3, 4, dtype=torch.float64)
+    for t in range(length):
+        h, prod = a[:, :, t] * h + b[:, :, t], prod * a[:, :, t]
+        torch.testing.assert_close(states[:, :, t], h, atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(decay[:, :, t], prod, atol=1e-12, rtol=1e-12)
+
+
 def test_packed_forward_keeps_no_cache():
     patched, _ = patched_and_reference()
     row = runtime.build_packed_row(documents(PACKS["spans"], patched.config.vocab_size))

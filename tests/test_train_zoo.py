@@ -1,4 +1,5 @@
-"""`hfpatch train ROW` runs for every trainable zoo row, and ISP sp=2 equals sp=1 on the ports' rows."""
+"""`hfpatch train ROW` runs for every trainable zoo row, and ISP sp=2 (Mamba: with FSDP2 wp=2) equals one
+process on the ports', Mixtral's and Mamba's rows."""
 
 import math
 
@@ -22,9 +23,13 @@ def test_train_runs_and_records_finite_losses(train_env, tmp_path, row):
     assert len(curve) == 2 and all(math.isfinite(x) and x > 0 for x in curve)
 
 
-@pytest.mark.parametrize("row", ["internlm2", "mixtral"])
-def test_isp_sp2_curve_equals_sp1(train_env, tmp_path, row):
+@pytest.mark.parametrize("row, layout", [
+    ("internlm2", ["--sp", "2"]),
+    ("mixtral", ["--sp", "2"]),
+    ("mamba", ["--sp", "2", "--wp", "2"]),  # the state hand-off between ranks, with FSDP2 over MambaBlocks
+])
+def test_isp_curve_equals_one_process(train_env, tmp_path, row, layout):
     common = [*TINY, "--steps", "2", "--dtype", "float32", "--seed", "3"]
-    cli_ok(row, *common, "--out", tmp_path / "sp1")
-    torchrun(row, *common, "--sp", "2", "--out", tmp_path / "sp2")
-    assert losses(tmp_path / "sp2") == pytest.approx(losses(tmp_path / "sp1"), rel=1e-5)
+    cli_ok(row, *common, "--out", tmp_path / "one")
+    torchrun(row, *common, *layout, "--out", tmp_path / "isp")
+    assert losses(tmp_path / "isp") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
