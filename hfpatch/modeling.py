@@ -46,7 +46,35 @@ def load_patched_module(entry: Entry, entries: list[Entry] | None = None) -> Mod
     except BaseException:
         del sys.modules[name]
         raise
+    if entry.upstream.package == "transformers":
+        share_checkpoint_conversions(module)
     return module
+
+
+def share_checkpoint_conversions(module: ModuleType) -> None:
+    """Give the patched classes transformers' checkpoint key conversions for their model types.
+
+    transformers 5.x converts official checkpoints on load (LLaVA's legacy key layout, Mixtral's
+    per-expert weights into fused tensors) but skips that for classes defined outside its own
+    package, so a patched class would load those checkpoints with missing weights left random.
+    Registering the library's own mappings (unchanged) under the same names turns them back on.
+    transformers 4.x keeps its conversions on the classes themselves: nothing to do.
+    """
+    try:
+        from transformers.conversion_mapping import (
+            get_checkpoint_conversion_mapping,
+            register_checkpoint_conversion_mapping,
+        )
+        from transformers.modeling_utils import PreTrainedModel
+    except ImportError:
+        return
+    for obj in vars(module).values():
+        if not (isinstance(obj, type) and issubclass(obj, PreTrainedModel) and obj.__module__ == module.__name__):
+            continue
+        for key in (obj.__name__, getattr(obj.config_class, "model_type", None)):
+            mapping = get_checkpoint_conversion_mapping(key) if key else None
+            if mapping is not None:
+                register_checkpoint_conversion_mapping(key, mapping, overwrite=True)
 
 
 def model_class(entry: Entry, entries: list[Entry] | None = None) -> type:

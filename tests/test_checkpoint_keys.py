@@ -1,9 +1,11 @@
-"""Official checkpoints of the Llama-architecture rows load with their own key names and config keys."""
+"""Official checkpoints load into the patched classes: the Llama-architecture rows with their own key names
+and config keys, LLaVA and Mixtral through transformers' own checkpoint conversions."""
 
 import json
 
+import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from hfpatch import modeling, zoo
 from hfpatch.train.build import pretrained_config
@@ -55,3 +57,26 @@ def test_yi_official_keys_are_llama_keys(zoo_copy):
         entry, vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
         num_attention_heads=HEADS, num_key_value_heads=HEADS))
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == official_layout(False)
+
+
+@pytest.mark.parametrize("name", ["llava", "mixtral"])
+def test_checkpoints_transformers_converts_on_load_load_into_the_patched_class(zoo_copy, tmp_path, name):
+    """transformers 5.x writes LLaVA in its legacy key layout and Mixtral with per-expert weights, and converts
+    them back on load -- for its own classes only. The patched class must load them just the same."""
+    import transformers
+
+    entry = zoo.resolve(name)
+    patched = modeling.model_class(entry)
+    stock_class = getattr(transformers, entry.model_class)
+    config = modeling.tiny_config(entry)
+    torch.manual_seed(0)
+    stock = stock_class(config)
+    stock.save_pretrained(tmp_path)
+    on_disk = set(load_file(tmp_path / "model.safetensors"))
+    assert on_disk != set(stock.state_dict())  # the file really is in another layout
+    model, info = patched.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    loaded = model.state_dict()
+    assert loaded.keys() == stock.state_dict().keys()
+    for key, value in stock.state_dict().items():
+        assert torch.equal(loaded[key], value), key

@@ -120,6 +120,36 @@ def test_llava_trains_on_a_jsonl(train_env, llava_dir, tmp_path):
     assert len(curve) == 2 and all(math.isfinite(x) and x > 0 for x in curve)
 
 
+def test_llava_fine_tunes_a_checkpoint_and_exports_it(train_env, llava_dir, tmp_path):
+    """--model-path loads a LLaVA checkpoint (its own tokenizer, an image token inside the tokenizer's
+    range as llava-hf has it); --export writes what stock transformers loads. With lr 0 the exported
+    weights are the checkpoint's, bit for bit: proof that both ends read and write the real tensors."""
+    from transformers import LlavaForConditionalGeneration
+    from safetensors.torch import load_file
+
+    from hfpatch import modeling, zoo
+
+    tokenizer = tokenizer_from_json(train_bpe(["a wide picture first then done only words here tall again"] * 4, 300))
+    tokenizer.hf.add_special_tokens({"additional_special_tokens": ["<image>"]})  # llava-hf's layout
+    image_token = tokenizer.hf.convert_tokens_to_ids("<image>")
+    entry = zoo.resolve("llava")
+    text = {**entry.test_config["text_config"], "vocab_size": tokenizer.vocab_size}
+    config = modeling.tiny_config(entry, text_config=text, image_token_index=image_token)
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration(config).save_pretrained(tmp_path / "ckpt")
+    tokenizer.save(tmp_path / "ckpt")
+    common = ["--model-path", tmp_path / "ckpt", "--data", llava_dir / "train.jsonl", *SMALL]
+    cli_ok("llava", *common, "--lr", "0", "--out", tmp_path / "frozen", "--export", tmp_path / "hf")
+    exported, original = load_file(tmp_path / "hf" / "model.safetensors"), load_file(tmp_path / "ckpt" / "model.safetensors")
+    assert exported.keys() == original.keys()
+    for name in original:
+        assert torch.equal(exported[name], original[name]), name
+    assert LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").config.image_token_index == image_token
+    cli_ok("llava", *common, "--out", tmp_path / "run")
+    curve = losses(tmp_path / "run")
+    assert len(curve) == 2 and all(math.isfinite(x) and x > 0 for x in curve)
+
+
 def _flux_sample(path, latents, text_tokens=3, text_dim=16, **kwargs):
     generator = torch.Generator().manual_seed(0)
     return flux_data.save_sample(path, latents, torch.randn(text_tokens, text_dim, generator=generator),
@@ -201,7 +231,9 @@ BAD = {
     "llava placeholder count": (_llava_case([{"image": "a.png", "text": "<image> and <image>"}], ["a.png"]),
                                 "bad.jsonl line 1: the text has 2 <image> placeholders but the line names 1 images"),
     "llava too long": (_llava_case([{"images": ["a.png"] * 20, "text": "x"}], ["a.png"]), "more than seq_len=64"),
-    "llava export": (lambda t: ["llava", "--export", t / "hf"], "--export is not supported for llava (vision-language) yet"),
+    "llava export of synthetic data": (lambda t: ["llava", "--export", t / "hf"], "--export needs --data for llava"),
+    "llava checkpoint with synthetic data": (lambda t: ["llava", "--model-path", t], "--model-path needs --data for llava"),
+    "flux checkpoint": (lambda t: ["flux", "--model-path", t], "--model-path is not supported for flux (diffusion-transformer) yet"),
     "flux tokenizer": (lambda t: ["flux", "--tokenizer", t], "--tokenizer is not supported for flux"),
     "flux channels": (_flux_case(torch.randn(2, 4, 4)), "0.safetensors: 'latents' have 2 channels; the model's in_channels=4"),
     "flux odd height": (_flux_case(torch.randn(1, 5, 4)), "0.safetensors: 'latents' are 5 x 4; H and W must be even"),

@@ -124,6 +124,17 @@ def _image_model_config(entry: zoo.Entry, cfg: TrainConfig, vocab_size: int | No
     image token, so no text token is taken for an image; ``model.*`` overrides still win.
     """
     values = dict(cfg.model_overrides)
+    if cfg.model_path:  # LLaVA (check_supported refuses it for Flux): the checkpoint's own config
+        config = pretrained_config(entry, model_class(entry), cfg.model_path)
+        _check_override_keys(config, values, str(cfg.model_path))
+        for key, value in values.items():
+            setattr(config, key, value)
+        if vocab_size is not None and vocab_size > config.text_config.vocab_size:
+            raise DataError(f"the tokenizer has {vocab_size} tokens but the model at {cfg.model_path} has "
+                            f"text vocab_size={config.text_config.vocab_size}; use the model's own tokenizer (--tokenizer DIR)")
+        check_heads(config.text_config, cfg.sp)
+        config.use_cache = config.text_config.use_cache = False
+        return config
     _check_override_keys(tiny_config(entry), values, f"{entry.name} tiny")
     if entry.family == "diffusion-transformer":
         config = tiny_config(entry, **values)

@@ -41,13 +41,15 @@ def _unwrapped_class(model: torch.nn.Module) -> type:
 
 
 def stock_class(config) -> type | None:
-    """transformers' own causal-LM class for this config, or None (not shipped by transformers)."""
-    from transformers import AutoModelForCausalLM
+    """transformers' own causal-LM (or image-text-to-text: LLaVA) class for this config, or None (not shipped)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    try:
-        return AutoModelForCausalLM._model_mapping[type(config)]
-    except KeyError:
-        return None
+    for auto in (AutoModelForCausalLM, AutoModelForImageTextToText):
+        try:
+            return auto._model_mapping[type(config)]
+        except KeyError:
+            continue
+    return None
 
 
 def _write(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], tokenizer: TextTokenizer, directory: Path) -> None:

@@ -49,13 +49,21 @@ def freeze_vision_tower(model: torch.nn.Module) -> None:
 
 
 def check_supported(entry, cfg: TrainConfig) -> None:
-    """Options the image families do not take (yet), refused before any work."""
+    """Options the image families do not take (yet), refused before any work. LLaVA takes a checkpoint and an
+    export only with --data: the synthetic captions' word vocab matches no real tokenizer."""
     if entry.family in LANGUAGE_FAMILIES:
         return
-    for flag, given in (("--model-path", cfg.model_path), ("--export", cfg.export), ("--padded", not cfg.packed)):
+    refused = [("--padded", not cfg.packed)]
+    if entry.family == DIFFUSION:
+        refused += [("--model-path", cfg.model_path), ("--export", cfg.export)]
+    for flag, given in refused:
         if given:
             raise ConfigError(f"{flag} is not supported for {entry.name} ({entry.family}) yet; "
                               f"it trains packed from a random init, on --data or its embedded synthetic data")
+    for flag, given in (("--model-path", cfg.model_path), ("--export", cfg.export)):
+        if given and not cfg.data_path:
+            raise ConfigError(f"{flag} needs --data for {entry.name} ({entry.family}): the embedded synthetic "
+                              f"captions have their own word vocab, which no checkpoint or export shares")
     if cfg.loss_chunk and entry.family == DIFFUSION:
         raise ConfigError(f"--loss-chunk is not supported for {entry.name} ({entry.family}): "
                           f"its loss is flow matching, not a language-model loss")
@@ -93,7 +101,10 @@ def _llava(entry, cfg: TrainConfig, rank: int) -> Workload:
         vocab = load_run_tokenizer(cfg, [r.text for r in records], rank)
         config = model_config(entry, cfg, vocab_size=vocab.vocab_size)
         image_token = config.image_token_id
-        if not vocab.vocab_size <= image_token < config.text_config.vocab_size:
+        # a checkpoint's tokenizer may list the image token itself (llava-hf's "<image>"): the text is split
+        # at the placeholders before tokenizing, so text never turns into it
+        lowest = 0 if cfg.model_path else vocab.vocab_size
+        if not lowest <= image_token < config.text_config.vocab_size:
             raise ConfigError(f"the tokenizer has {vocab.vocab_size} tokens, so image_token_index must be at least that and below "
                               f"the text vocab_size; got image_token_index={image_token}, vocab_size={config.text_config.vocab_size}")
         samples = llava_data.build_samples(records, vocab, image_token_id=image_token, image_seq_length=config.image_seq_length,
