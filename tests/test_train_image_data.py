@@ -150,6 +150,28 @@ def test_llava_fine_tunes_a_checkpoint_and_exports_it(train_env, llava_dir, tmp_
     assert len(curve) == 2 and all(math.isfinite(x) and x > 0 for x in curve)
 
 
+def test_flux_fine_tunes_a_checkpoint_and_exports_it(train_env, tmp_path):
+    """--model-path reads a diffusers transformer dir; --export writes one stock diffusers loads. With lr 0 the
+    exported weights are the checkpoint's, bit for bit."""
+    import diffusers
+    from safetensors.torch import load_file
+
+    from hfpatch import modeling, zoo
+
+    torch.manual_seed(0)
+    diffusers.FluxTransformer2DModel.from_config(modeling.tiny_config(zoo.resolve("flux"))).save_pretrained(tmp_path / "ckpt")
+    weights = "diffusion_pytorch_model.safetensors"
+    cli_ok("flux", "--model-path", tmp_path / "ckpt", *SMALL, "--lr", "0", "--out", tmp_path / "frozen", "--export", tmp_path / "hf")
+    exported, original = load_file(tmp_path / "hf" / weights), load_file(tmp_path / "ckpt" / weights)
+    assert exported.keys() == original.keys()
+    for name in original:
+        assert torch.equal(exported[name], original[name]), name
+    assert diffusers.FluxTransformer2DModel.from_pretrained(tmp_path / "hf").config.num_layers == 1
+    cli_ok("flux", "--model-path", tmp_path / "ckpt", *SMALL, "--out", tmp_path / "run")
+    curve = losses(tmp_path / "run")
+    assert len(curve) == 2 and all(math.isfinite(x) and x > 0 for x in curve)
+
+
 def _flux_sample(path, latents, text_tokens=3, text_dim=16, **kwargs):
     generator = torch.Generator().manual_seed(0)
     return flux_data.save_sample(path, latents, torch.randn(text_tokens, text_dim, generator=generator),
@@ -233,7 +255,9 @@ BAD = {
     "llava too long": (_llava_case([{"images": ["a.png"] * 20, "text": "x"}], ["a.png"]), "more than seq_len=64"),
     "llava export of synthetic data": (lambda t: ["llava", "--export", t / "hf"], "--export needs --data for llava"),
     "llava checkpoint with synthetic data": (lambda t: ["llava", "--model-path", t], "--model-path needs --data for llava"),
-    "flux checkpoint": (lambda t: ["flux", "--model-path", t], "--model-path is not supported for flux (diffusion-transformer) yet"),
+    "flux checkpoint dir without a config": (lambda t: ["flux", "--model-path", t], "is not a diffusers model dir (no config.json)"),
+    "flux settings beside a checkpoint": (lambda t: ["flux", "--model-path", t, "--set", "model.num_layers=2"],
+                                         "model.* settings are not taken with --model-path for flux"),
     "flux tokenizer": (lambda t: ["flux", "--tokenizer", t], "--tokenizer is not supported for flux"),
     "flux channels": (_flux_case(torch.randn(2, 4, 4)), "0.safetensors: 'latents' have 2 channels; the model's in_channels=4"),
     "flux odd height": (_flux_case(torch.randn(1, 5, 4)), "0.safetensors: 'latents' are 5 x 4; H and W must be even"),

@@ -124,7 +124,14 @@ def _image_model_config(entry: zoo.Entry, cfg: TrainConfig, vocab_size: int | No
     image token, so no text token is taken for an image; ``model.*`` overrides still win.
     """
     values = dict(cfg.model_overrides)
-    if cfg.model_path:  # LLaVA (check_supported refuses it for Flux): the checkpoint's own config
+    if cfg.model_path and entry.family == "diffusion-transformer":
+        if values:
+            raise ConfigError(f"model.* settings are not taken with --model-path for {entry.name}: "
+                              f"the checkpoint's config.json defines the model")
+        config = pretrained_diffusers_config(model_class(entry), cfg.model_path)
+        check_heads(_Heads(config["num_attention_heads"]), cfg.sp)
+        return config
+    if cfg.model_path:  # LLaVA: the checkpoint's own config
         config = pretrained_config(entry, model_class(entry), cfg.model_path)
         _check_override_keys(config, values, str(cfg.model_path))
         for key, value in values.items():
@@ -174,6 +181,16 @@ def pretrained_config(entry: zoo.Entry, cls: type, path: str):
     return config
 
 
+def pretrained_diffusers_config(cls: type, path: str) -> dict:
+    """``path``'s diffusers config (a transformer dir such as FLUX.1-dev/transformer) as a plain dict."""
+    if not Path(path, "config.json").exists():
+        raise TrainError(f"--model-path {path} is not a diffusers model dir (no config.json)")
+    try:
+        return dict(cls.load_config(path, local_files_only=True))
+    except Exception as exc:
+        raise TrainError(f"cannot read the config in {path}: {str(exc).splitlines()[0]}") from None
+
+
 def check_heads(config, sp: int) -> None:
     heads = getattr(config, "num_attention_heads", None)
     if heads is not None and heads % sp:
@@ -189,7 +206,10 @@ def build_model(entry: zoo.Entry, cfg: TrainConfig, config, device: torch.device
     dtype = param_dtype(cfg.dtype, device)
     if cfg.model_path:
         try:
-            model = cls.from_pretrained(cfg.model_path, config=config, dtype=dtype, local_files_only=True)
+            if isinstance(config, dict):  # diffusers: the dir's own config, its torch_dtype keyword
+                model = cls.from_pretrained(cfg.model_path, torch_dtype=dtype, local_files_only=True)
+            else:
+                model = cls.from_pretrained(cfg.model_path, config=config, dtype=dtype, local_files_only=True)
         except Exception as exc:
             raise TrainError(f"cannot load weights from {cfg.model_path}: {str(exc).splitlines()[0]}") from None
     else:

@@ -1,9 +1,9 @@
 """Export the trained weights as a plain Hugging Face checkpoint (safetensors).
 
 The weights are gathered to full tensors (FSDP2 shards included), loaded into the
-STOCK transformers class for the config -- not the patched one -- and saved with
-``save_pretrained``, so ``AutoModelForCausalLM.from_pretrained`` loads the
-result without hfpatch installed. The tokenizer is saved beside it. Models that
+STOCK transformers (or diffusers) class for the config -- not the patched one -- and
+saved with ``save_pretrained``, so the library loads the result without hfpatch
+installed. The tokenizer, if the run has one, is saved beside it. Models that
 transformers does not ship (first-party ports) are saved with the patched class;
 loading those needs hfpatch.
 """
@@ -22,7 +22,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from .tokenizer import TextTokenizer
 
 
-def export_hf(model: torch.nn.Module, tokenizer: TextTokenizer, directory: str | Path, *, rank: int) -> Path:
+def export_hf(model: torch.nn.Module, tokenizer: TextTokenizer | None, directory: str | Path, *, rank: int) -> Path:
     """Collective (every rank gathers); rank 0 writes ``directory`` atomically."""
     directory = Path(directory)
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -52,20 +52,34 @@ def stock_class(config) -> type | None:
     return None
 
 
-def _write(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], tokenizer: TextTokenizer, directory: Path) -> None:
+def _stock_model(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """The trained weights in the library's own class, built on the meta device (no random init)."""
+    if isinstance(model.config, dict):  # diffusers: FluxTransformer2DModel and its kin
+        import diffusers
+
+        cls = getattr(diffusers, model.config["_class_name"], None) or _unwrapped_class(model)
+        with torch.device("meta"):
+            stock = cls.from_config(model.config)
+        stock.load_state_dict(state_dict, strict=True, assign=True)
+        return stock
     config = copy.deepcopy(model.config)
     config.use_cache = True  # training turned the KV cache off; inference wants it
     config.dtype = next(iter(state_dict.values())).dtype
     cls = stock_class(config) or _unwrapped_class(model)
-    # Built on the meta device: no random init, the real tensors are assigned below.
     with torch.device("meta"):
         stock = cls(config)
     stock.load_state_dict(state_dict, strict=True, assign=True)
     stock.tie_weights()
+    return stock
+
+
+def _write(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], tokenizer: TextTokenizer | None, directory: Path) -> None:
+    stock = _stock_model(model, state_dict)
     tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     stock.save_pretrained(str(tmp), safe_serialization=True)
-    tokenizer.save(tmp)
+    if tokenizer is not None:  # Flux trains on precomputed text embeddings: no tokenizer
+        tokenizer.save(tmp)
     if directory.exists():
         old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
         directory.rename(old)

@@ -50,18 +50,14 @@ def freeze_vision_tower(model: torch.nn.Module) -> None:
 
 def check_supported(entry, cfg: TrainConfig) -> None:
     """Options the image families do not take (yet), refused before any work. LLaVA takes a checkpoint and an
-    export only with --data: the synthetic captions' word vocab matches no real tokenizer."""
+    export only with --data: the synthetic captions' word vocab matches no real tokenizer. (Flux's synthetic
+    latents follow whatever config the model has.)"""
     if entry.family in LANGUAGE_FAMILIES:
         return
-    refused = [("--padded", not cfg.packed)]
-    if entry.family == DIFFUSION:
-        refused += [("--model-path", cfg.model_path), ("--export", cfg.export)]
-    for flag, given in refused:
-        if given:
-            raise ConfigError(f"{flag} is not supported for {entry.name} ({entry.family}) yet; "
-                              f"it trains packed from a random init, on --data or its embedded synthetic data")
+    if not cfg.packed:
+        raise ConfigError(f"--padded is not supported for {entry.name} ({entry.family}) yet; it trains packed")
     for flag, given in (("--model-path", cfg.model_path), ("--export", cfg.export)):
-        if given and not cfg.data_path:
+        if given and not cfg.data_path and entry.family == VISION_LANGUAGE:
             raise ConfigError(f"{flag} needs --data for {entry.name} ({entry.family}): the embedded synthetic "
                               f"captions have their own word vocab, which no checkpoint or export shares")
     if cfg.loss_chunk and entry.family == DIFFUSION:
