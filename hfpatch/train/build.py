@@ -118,10 +118,11 @@ def model_config(entry: zoo.Entry, cfg: TrainConfig, vocab_size: int | None, spe
 
 
 def _image_model_config(entry: zoo.Entry, cfg: TrainConfig, vocab_size: int | None = None):
-    """The tiny config of LLaVA (its language model's positions cover seq_len) or Flux (a plain dict).
+    """LLaVA's or Flux's config (Flux: a plain dict): the checkpoint's with ``--model-path``, else the tiny one
+    (LLaVA's language model positions then cover seq_len).
 
-    ``vocab_size`` (LLaVA with a text tokenizer): the text vocab becomes the tokenizer's plus one, the
-    image token, so no text token is taken for an image; ``model.*`` overrides still win.
+    ``vocab_size`` (LLaVA with a text tokenizer, tiny config): the text vocab becomes the tokenizer's plus one,
+    the image token, so no text token is taken for an image; ``model.*`` overrides still win.
     """
     values = dict(cfg.model_overrides)
     if cfg.model_path and entry.family == "diffusion-transformer":

@@ -57,7 +57,7 @@ def check_supported(entry, cfg: TrainConfig) -> None:
     if not cfg.packed:
         raise ConfigError(f"--padded is not supported for {entry.name} ({entry.family}) yet; it trains packed")
     for flag, given in (("--model-path", cfg.model_path), ("--export", cfg.export)):
-        if given and not cfg.data_path and entry.family == VISION_LANGUAGE:
+        if entry.family == VISION_LANGUAGE and given and not cfg.data_path:
             raise ConfigError(f"{flag} needs --data for {entry.name} ({entry.family}): the embedded synthetic "
                               f"captions have their own word vocab, which no checkpoint or export shares")
     if cfg.loss_chunk and entry.family == DIFFUSION:
