@@ -21,7 +21,9 @@ from .errors import DataError
 
 @dataclass
 class PackedDataset:
-    rows: list[PackedRow]
+    """Rows of at most ``seq_len`` tokens: ``PackedRow``s of text, or (LLaVA, Flux) lists of samples."""
+
+    rows: list
     seq_len: int
     num_documents: int
     num_tokens: int
@@ -53,6 +55,19 @@ def build_packed_dataset(docs: Sequence[Sequence[int]], seq_len: int, *, pad_id:
         rows=packed.rows, seq_len=seq_len, num_documents=len(docs),
         num_tokens=packed.num_real_tokens, fingerprint=digest.hexdigest()[:16],
     )
+
+
+def greedy_rows(samples: Sequence, sizes: Sequence[int], seq_len: int) -> list[list]:
+    """``samples`` in order, a new row whenever the next one does not fit in ``seq_len`` tokens."""
+    rows: list[list] = []
+    used = seq_len
+    for sample, size in zip(samples, sizes):
+        if used + size > seq_len:
+            rows.append([])
+            used = 0
+        rows[-1].append(sample)
+        used += size
+    return rows
 
 
 class RowStream:

@@ -22,6 +22,7 @@ import torch
 from hfpatch import runtime
 
 from .batches import BatchStats
+from .dataset import PackedDataset, greedy_rows
 from .errors import DataError
 
 
@@ -183,35 +184,14 @@ def synthetic_latents(config: Mapping[str, Any], *, count: int, seq_len: int, se
     return samples
 
 
-@dataclass
-class LatentDataset:
-    """Samples greedily packed into rows of at most ``seq_len`` (text + image) tokens."""
-
-    rows: list[list[Latent]]
-    seq_len: int
-    num_documents: int
-    num_tokens: int
-    fingerprint: str
-
-    @property
-    def efficiency(self) -> float:
-        return self.num_tokens / (len(self.rows) * self.seq_len)
-
-
-def pack_latents(samples: Sequence[Latent], seq_len: int) -> LatentDataset:
-    rows: list[list[Latent]] = []
-    used = seq_len
+def pack_latents(samples: Sequence[Latent], seq_len: int) -> PackedDataset:
     digest = hashlib.sha256(f"flux:{seq_len}".encode())
     for sample in samples:
-        if used + sample.num_tokens > seq_len:
-            rows.append([])
-            used = 0
-        rows[-1].append(sample)
-        used += sample.num_tokens
         for tensor in (sample.x0, sample.encoder_hidden_states, sample.pooled_projections):
             digest.update(tensor.numpy().tobytes())
-    return LatentDataset(rows=rows, seq_len=seq_len, num_documents=len(samples),
-                         num_tokens=sum(s.num_tokens for s in samples), fingerprint=digest.hexdigest()[:16])
+    sizes = [s.num_tokens for s in samples]
+    return PackedDataset(rows=greedy_rows(samples, sizes, seq_len), seq_len=seq_len, num_documents=len(samples),
+                         num_tokens=sum(sizes), fingerprint=digest.hexdigest()[:16])
 
 
 def flux_stats(rows: Sequence[list[Latent]], seq_len: int) -> BatchStats:

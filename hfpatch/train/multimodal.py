@@ -19,6 +19,7 @@ from hfpatch import runtime
 from hfpatch.runtime import IGNORE_INDEX
 
 from .batches import BatchStats
+from .dataset import PackedDataset, greedy_rows
 from .errors import DataError
 
 
@@ -133,40 +134,18 @@ def synthetic_samples(vocab: WordVocab, *, image_token_id: int, image_seq_length
     return samples
 
 
-@dataclass
-class ImageTextDataset:
-    """Samples greedily packed into rows of at most ``seq_len`` tokens (a row = a list of samples)."""
-
-    rows: list[list[Sample]]
-    seq_len: int
-    image_token_id: int
-    num_documents: int
-    num_tokens: int
-    fingerprint: str
-
-    @property
-    def efficiency(self) -> float:
-        return self.num_tokens / (len(self.rows) * self.seq_len)
-
-
-def pack_rows(samples: Sequence[Sample], seq_len: int, image_token_id: int, source: str) -> ImageTextDataset:
-    rows: list[list[Sample]] = []
-    used = seq_len
+def pack_rows(samples: Sequence[Sample], seq_len: int, image_token_id: int, source: str) -> PackedDataset:
     digest = hashlib.sha256(f"llava:{seq_len}:{image_token_id}".encode())
     for index, sample in enumerate(samples):
-        n = len(sample.input_ids)
-        if n > seq_len:
-            raise DataError(f"sample {index} of {source} has {n} tokens (image tokens included), more than seq_len={seq_len}; raise --seq-len")
-        if used + n > seq_len:
-            rows.append([])
-            used = 0
-        rows[-1].append(sample)
-        used += n
+        if len(sample.input_ids) > seq_len:
+            raise DataError(f"sample {index} of {source} has {len(sample.input_ids)} tokens (image tokens included), "
+                            f"more than seq_len={seq_len}; raise --seq-len")
         digest.update(torch.tensor(sample.input_ids).numpy().tobytes())
         if sample.pixel_values is not None:
             digest.update(sample.pixel_values.float().numpy().tobytes())
-    return ImageTextDataset(rows=rows, seq_len=seq_len, image_token_id=image_token_id, num_documents=len(samples),
-                            num_tokens=sum(len(s.input_ids) for s in samples), fingerprint=digest.hexdigest()[:16])
+    sizes = [len(s.input_ids) for s in samples]
+    return PackedDataset(rows=greedy_rows(samples, sizes, seq_len), seq_len=seq_len, num_documents=len(samples),
+                         num_tokens=sum(sizes), fingerprint=digest.hexdigest()[:16])
 
 
 def llava_stats(rows: Sequence[list[Sample]], seq_len: int, image_token_id: int) -> BatchStats:
