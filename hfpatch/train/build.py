@@ -87,15 +87,8 @@ def model_config(entry: zoo.Entry, cfg: TrainConfig, vocab_size: int | None, spe
     if entry.family in IMAGE_FAMILIES:
         return _image_model_config(entry, cfg, vocab_size)
     if cfg.model_path:
-        config = pretrained_config(entry, model_class(entry), cfg.model_path)
-        _check_override_keys(config, overrides, str(cfg.model_path))
-        for key, value in overrides.items():
-            setattr(config, key, value)
-        if vocab_size is not None and vocab_size > config.vocab_size:
-            raise DataError(
-                f"the tokenizer has {vocab_size} tokens but the model at {cfg.model_path} has vocab_size={config.vocab_size}; "
-                f"use the model's own tokenizer (--tokenizer DIR)"
-            )
+        config = _checkpoint_config(entry, cfg, overrides)
+        _check_checkpoint_vocab(vocab_size, config.vocab_size, "vocab_size", cfg.model_path)
     else:
         _check_override_keys(tiny_config(entry), overrides, f"{entry.name} tiny")
         values: dict[str, Any] = dict(special_ids or {})
@@ -133,13 +126,8 @@ def _image_model_config(entry: zoo.Entry, cfg: TrainConfig, vocab_size: int | No
         check_heads(_Heads(config["num_attention_heads"]), cfg.sp)
         return config
     if cfg.model_path:  # LLaVA: the checkpoint's own config
-        config = pretrained_config(entry, model_class(entry), cfg.model_path)
-        _check_override_keys(config, values, str(cfg.model_path))
-        for key, value in values.items():
-            setattr(config, key, value)
-        if vocab_size is not None and vocab_size > config.text_config.vocab_size:
-            raise DataError(f"the tokenizer has {vocab_size} tokens but the model at {cfg.model_path} has "
-                            f"text vocab_size={config.text_config.vocab_size}; use the model's own tokenizer (--tokenizer DIR)")
+        config = _checkpoint_config(entry, cfg, values)
+        _check_checkpoint_vocab(vocab_size, config.text_config.vocab_size, "text vocab_size", cfg.model_path)
         check_heads(config.text_config, cfg.sp)
         config.use_cache = config.text_config.use_cache = False
         return config
@@ -164,6 +152,21 @@ def _image_model_config(entry: zoo.Entry, cfg: TrainConfig, vocab_size: int | No
 class _Heads:
     def __init__(self, heads: int) -> None:
         self.num_attention_heads = heads
+
+
+def _checkpoint_config(entry: zoo.Entry, cfg: TrainConfig, overrides: Mapping[str, Any]):
+    """The ``--model-path`` checkpoint's config with the run's ``model.*`` settings applied."""
+    config = pretrained_config(entry, model_class(entry), cfg.model_path)
+    _check_override_keys(config, overrides, str(cfg.model_path))
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def _check_checkpoint_vocab(vocab_size: int | None, model_vocab: int, label: str, path: str) -> None:
+    if vocab_size is not None and vocab_size > model_vocab:
+        raise DataError(f"the tokenizer has {vocab_size} tokens but the model at {path} has {label}={model_vocab}; "
+                        f"use the model's own tokenizer (--tokenizer DIR)")
 
 
 def pretrained_config(entry: zoo.Entry, cls: type, path: str):
