@@ -203,6 +203,26 @@ def refresh(model, version, force):
     click.echo(f"candidate patch written to {result.candidate}; review it, then rename it to drop .candidate")
 
 
+@main.command("env")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True,
+              help="dtype of the attention call to explain")
+@click.option("--head-dim", type=click.IntRange(min=1), default=128, show_default=True, help="head dim of that call")
+def env(dtype, head_dim):
+    """Which attention backend a packed causal call runs here and why, and the fused loss."""
+    import torch
+
+    from hfpatch.environment import inspect_environment
+
+    report = inspect_environment(getattr(torch, dtype), head_dim)
+    click.echo(f"torch {report.torch}; device {report.device}")
+    click.echo("packages: " + ", ".join(f"{name} {version or '-'}" for name, version in report.packages.items()))
+    click.echo(f"attention ({dtype}, head dim {head_dim}, causal), in auto's order:")
+    for row in report.backends:
+        state = "runs here (auto picks it)" if row.chosen else ("can run" if row.problem is None else row.problem)
+        click.echo(f"  {row.name:<13} {state}")
+    click.echo(f"fused linear cross-entropy: {report.fused_loss}")
+
+
 main.add_command(train)
 
 if __name__ == "__main__":

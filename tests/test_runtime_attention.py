@@ -203,3 +203,59 @@ def test_internevo_style_batch_is_read_as_one_pack():
     torch.testing.assert_close(out.reshape(total, 4, D), ref.detach(), rtol=1e-10, atol=1e-10)
     with pytest.raises(NotImplementedError, match="return_attn_probs"):
         isp_flash_attn_varlen_func(q, k, v, cu, cu, 12, 12, return_attn_probs=True)
+
+
+def _importable(monkeypatch, *names):
+    """Pretend exactly ``names`` of the kernel packages import here (auto's cache cleared around it)."""
+    from hfpatch.runtime import attention
+
+    real = attention._load
+
+    def fake(name):
+        if name in names:
+            return (lambda *a, **k: None), None, None
+        return real(name) if name == "reference" else (None, None, "ImportError: not installed")
+
+    monkeypatch.setattr(attention, "_load", fake)
+    attention.auto_backend.cache_clear()
+    return attention
+
+
+@pytest.mark.parametrize("capability,head_dim,dropout,importable,want", [
+    ((9, 0), 128, False, ("fa4", "flash_attn", "torch_varlen"), "fa4"),        # Hopper: FA4 first
+    ((10, 0), 128, False, ("fa4", "torch_varlen"), "fa4"),                     # Blackwell
+    ((8, 0), 128, False, ("fa4", "flash_attn", "torch_varlen"), "flash_attn"),  # Ampere: not FA4's arch
+    ((9, 0), 128, False, ("torch_varlen",), "torch_varlen"),                  # FA4 not installed
+    ((9, 0), 128, True, ("fa4", "torch_varlen"), "reference"),                # dropout: neither has it
+    ((9, 0), 128, True, ("fa4", "flash_attn"), "flash_attn"),                 # flash-attn 2 has dropout
+    ((10, 0), 256, False, ("fa4", "torch_varlen"), "torch_varlen"),           # FA4 on sm100: head dim <= 128
+    ((9, 0), 100, False, ("fa4", "flash_attn"), "flash_attn"),                # FA4: head dim a multiple of 8
+])
+def test_auto_takes_the_first_kernel_that_can_run_the_call(monkeypatch, caplog, capability, head_dim, dropout, importable, want):
+    attention = _importable(monkeypatch, *importable)
+    call = attention.AttentionCall("cuda", capability, torch.bfloat16, head_dim, dropout, (-1, 0))
+    try:
+        with caplog.at_level("INFO", logger="hfpatch.runtime.attention"):
+            assert attention.auto_backend(call) == want
+            attention.auto_backend(call)  # cached: the reasons are logged once
+        skipped = attention.AUTO_ORDER[: attention.AUTO_ORDER.index(want)] if want != "reference" else attention.AUTO_ORDER
+        assert [r.getMessage().split()[1] for r in caplog.records] == list(skipped)
+    finally:
+        attention.auto_backend.cache_clear()
+    # float32 runs on no kernel
+    assert attention._call_problem("fa4", attention.AttentionCall("cuda", capability, torch.float32, head_dim)) is not None
+
+
+def test_env_command_names_the_backend_and_why_the_others_were_passed_over():
+    from click.testing import CliRunner
+
+    from hfpatch.cli import main
+
+    result = CliRunner().invoke(main, ["env", "--head-dim", "64"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    table = [line.split(None, 1) for line in lines if line.startswith("  ")]
+    assert [name for name, _ in table] == ["fa4", "flash_attn", "torch_varlen", "reference"]
+    assert dict(table)["reference"] == "runs here (auto picks it)"  # no GPU here
+    assert "not importable" in dict(table)["fa4"] or "CUDA" in dict(table)["fa4"]
+    assert "fused linear cross-entropy: chunked" in result.output

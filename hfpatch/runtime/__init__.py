@@ -10,8 +10,10 @@ from .attention import (
     BACKENDS,
     AttentionBackendError,
     available_backends,
+    backend_problem,
     backend_unavailable_reason,
     dense_attention,
+    explain_backends,
     resolve_backend,
     validate_cu_seqlens,
     varlen_attention,
@@ -28,7 +30,15 @@ from .context import (
 from .distributed import current_device, destroy, initialize, parallel_context
 from .init import normal_, scaled_init_method_normal
 from .isp import all_to_all, isp_flash_attn_func, isp_flash_attn_varlen_func
-from .loss import IGNORE_INDEX, causal_lm_loss, chunked_causal_lm_loss, count_valid_tokens, global_loss
+from .loss import (
+    IGNORE_INDEX,
+    causal_lm_loss,
+    chunked_causal_lm_loss,
+    count_valid_tokens,
+    fused_linear_causal_lm_loss,
+    fused_loss_kernel,
+    global_loss,
+)
 from .packing import (
     PackedRow,
     PackResult,
@@ -53,6 +63,7 @@ __all__ = [
     "all_to_all",
     "apply_weight_parallel",
     "available_backends",
+    "backend_problem",
     "backend_unavailable_reason",
     "build_packed_row",
     "causal_lm_loss",
@@ -63,7 +74,10 @@ __all__ = [
     "current_device",
     "dense_attention",
     "destroy",
+    "explain_backends",
     "find_decoder_layers",
+    "fused_linear_causal_lm_loss",
+    "fused_loss_kernel",
     "global_loss",
     "gpc",
     "initialize",

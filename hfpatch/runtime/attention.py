@@ -3,13 +3,14 @@
 Layout is flash-attn's: q ``[T, H, D]``, k/v ``[T_k, H_kv, D]`` with T the total
 tokens of the pack and ``cu_seqlens`` its int32 segment boundaries. Backends:
 
+``fa4``           flash-attn 4 ``flash_attn.cute`` (CuTe DSL; Hopper / Blackwell, fp16/bf16, no dropout)
 ``flash_attn``    flash-attn 2 ``flash_attn_varlen_func`` (CUDA, fp16/bf16)
 ``torch_varlen``  ``torch.nn.attention.varlen.varlen_attn`` (CUDA, torch >= 2.10)
-``fa4``           flash-attn 4 ``flash_attn.cute`` (CUDA; only when asked for)
 ``reference``     SDPA once per segment: any device, any dtype, autograd
 
-``auto`` (the default, or ``HFPATCH_ATTN_BACKEND``) picks the first of flash_attn,
-torch_varlen that can run the call, else reference. ``window_size=(left, right)``
+``auto`` (the default, or ``HFPATCH_ATTN_BACKEND``) picks the first of fa4, flash_attn,
+torch_varlen that can run the call, else reference, and logs once why each one before it
+was passed over (``explain_backends`` gives the same table). ``window_size=(left, right)``
 follows flash-attn: query i sees keys j with i-left <= j <= i+right, -1 = unbounded,
 and ``causal`` forces right = 0; q and k are aligned at the bottom right.
 """
@@ -19,18 +20,22 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import logging
 import math
 import os
 import weakref
 from collections import deque
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("flash_attn", "torch_varlen", "fa4", "reference")
+BACKENDS = ("fa4", "flash_attn", "torch_varlen", "reference")
+AUTO_ORDER = BACKENDS[:-1]  # the kernels auto tries, fastest first; reference is the last resort
 ENV_VAR = "HFPATCH_ATTN_BACKEND"
 _FLASH_DTYPES = (torch.float16, torch.bfloat16)
+log = logging.getLogger(__name__)
 
 
 class AttentionBackendError(RuntimeError):
@@ -155,20 +160,81 @@ def available_backends() -> list[str]:
     return [b for b in BACKENDS if backend_unavailable_reason(b) is None]
 
 
-def _device_problem(name: str, q: torch.Tensor, dropout_p: float, window: tuple[int, int]) -> str | None:
-    """Why backend ``name`` cannot run this particular call, or None."""
+@dataclass(frozen=True)
+class AttentionCall:
+    """What decides which kernels can run a call: the device, its compute capability, dtype, head dim,
+    dropout and window (hashable: auto's pick is cached per kind of call)."""
+
+    device_type: str
+    capability: tuple[int, int] | None  # CUDA only
+    dtype: torch.dtype
+    head_dim: int
+    dropout: bool = False
+    window: tuple[int, int] = (-1, -1)
+
+    @classmethod
+    def of(cls, q: torch.Tensor, dropout_p: float = 0.0, window: tuple[int, int] = (-1, -1)) -> "AttentionCall":
+        capability = torch.cuda.get_device_capability(q.device) if q.device.type == "cuda" else None
+        return cls(q.device.type, capability, q.dtype, q.shape[-1], dropout_p > 0, tuple(int(w) for w in window))
+
+
+def _fa4_problem(call: AttentionCall) -> str | None:
+    major, minor = call.capability
+    if major not in (9, 10, 11):
+        return f"flash-attn 4 is built for Hopper and Blackwell (sm90 / sm100), this GPU is sm{major}{minor}"
+    if call.dropout:
+        return "flash-attn 4 has no attention dropout"
+    widest = 256 if major == 9 else 128
+    if call.head_dim % 8 or not 8 <= call.head_dim <= widest:
+        return f"flash-attn 4 on sm{major}{minor} takes head dims of 8..{widest} in steps of 8, not {call.head_dim}"
+    return None
+
+
+def _call_problem(name: str, call: AttentionCall) -> str | None:
+    """Why backend ``name`` (importable) cannot run ``call``, or None."""
     if name == "reference":
         return None
-    if q.device.type != "cuda" or q.dtype not in _FLASH_DTYPES:
-        return f"it needs CUDA tensors in float16/bfloat16, got {q.device.type} {q.dtype}"
+    if call.device_type != "cuda" or call.dtype not in _FLASH_DTYPES:
+        return f"it needs CUDA tensors in float16/bfloat16, got {call.device_type} {call.dtype}"
+    if name == "fa4":
+        return _fa4_problem(call)
+    if name == "flash_attn" and call.head_dim > 256:
+        return f"flash-attn 2 takes head dims up to 256, not {call.head_dim}"
     if name == "torch_varlen":
-        params = _parameters(_load(name)[0])
-        if dropout_p > 0:
+        if call.dropout:
             return "torch varlen_attn has no dropout"
-        if window[0] >= 0 or window[1] > 0:
-            if "window_size" not in params:
-                return f"torch {torch.__version__} varlen_attn has no window_size"
+        if (call.window[0] >= 0 or call.window[1] > 0) and "window_size" not in _parameters(_load(name)[0]):
+            return f"torch {torch.__version__} varlen_attn has no window_size"
     return None
+
+
+def _problem(name: str, call: AttentionCall) -> str | None:
+    reason = backend_unavailable_reason(name)
+    return reason if reason is not None else _call_problem(name, call)
+
+
+def backend_problem(name: str, q: torch.Tensor, dropout_p: float = 0.0, window: tuple[int, int] = (-1, -1)) -> str | None:
+    """Why backend ``name`` cannot run a call on tensors like ``q`` here, or None if it can."""
+    return _problem(name, AttentionCall.of(q, dropout_p, window))
+
+
+def explain_backends(q: torch.Tensor, dropout_p: float = 0.0, window: tuple[int, int] = (-1, -1)) -> list[tuple[str, str | None]]:
+    """(backend, why it cannot run or None) for every backend, in auto's order of preference."""
+    call = AttentionCall.of(q, dropout_p, window)
+    return [(name, _problem(name, call)) for name in BACKENDS]
+
+
+@functools.lru_cache(maxsize=64)
+def auto_backend(call: AttentionCall) -> str:
+    """auto's pick for one kind of call: the first kernel that can run it, else the reference.
+    Cached (it runs on every attention call), so each kernel passed over on a GPU is logged once."""
+    for name in AUTO_ORDER:
+        reason = _problem(name, call)
+        if reason is None:
+            return name
+        if call.device_type == "cuda":  # on a CPU every kernel is passed over: nothing to tell
+            log.info("attention: %s passed over (%s)", name, reason)
+    return "reference"
 
 
 def resolve_backend(
@@ -180,13 +246,8 @@ def resolve_backend(
         requested, source = os.environ.get(ENV_VAR) or "auto", ENV_VAR
     requested = requested.strip().lower()
     if requested == "auto":
-        for name in ("flash_attn", "torch_varlen"):
-            if backend_unavailable_reason(name) is None and _device_problem(name, q, dropout_p, window) is None:
-                return name
-        return "reference"
-    reason = backend_unavailable_reason(requested)
-    if reason is None:
-        reason = _device_problem(requested, q, dropout_p, window)
+        return auto_backend(AttentionCall.of(q, dropout_p, window))
+    reason = backend_problem(requested, q, dropout_p, window)
     if reason is not None:
         raise AttentionBackendError(
             f"attention backend {requested!r} was requested ({source}) but cannot run: {reason}"
