@@ -87,6 +87,9 @@ def _sp_group():
     return sp, gpc.get_group(ParallelMode.TENSOR)
 
 
+# Both entry points stay out of torch.compile graphs: the kernels are opaque, cu_seqlens are checked on
+# the host, and the all-to-all is a collective; a compiled decoder layer runs them eagerly between graphs.
+@torch.compiler.disable
 def isp_flash_attn_varlen_func(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -128,6 +131,7 @@ def isp_flash_attn_varlen_func(
     return out.reshape(*batch_shape, -1, *out.shape[1:]) if batch_shape else out
 
 
+@torch.compiler.disable
 def isp_flash_attn_func(
     q: torch.Tensor,
     k: torch.Tensor,

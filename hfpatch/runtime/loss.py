@@ -100,6 +100,50 @@ def chunked_causal_lm_loss(
     return _divide(token_sum, num_valid_tokens)
 
 
+def fused_loss_kernel(device: torch.device) -> str:
+    """What :func:`fused_linear_causal_lm_loss` runs on ``device``: ``liger`` (liger-kernel's fused linear
+    cross-entropy, CUDA) or ``chunked`` (:func:`chunked_causal_lm_loss`)."""
+    if torch.device(device).type == "cuda":
+        try:
+            import liger_kernel.transformers.functional  # noqa: F401
+        except ImportError:
+            return "chunked"
+        return "liger"
+    return "chunked"
+
+
+def fused_linear_causal_lm_loss(
+    hidden_states: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    num_valid_tokens: int | torch.Tensor | None = None,
+    chunk_tokens: int = 4096,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """:func:`causal_lm_loss` of ``hidden_states @ lm_head_weight.T`` with the projection fused into the loss.
+
+    On CUDA with liger-kernel installed its fused linear cross-entropy runs: logits exist one chunk at
+    a time in the compute dtype and the gradients are formed in the forward, so there is no recompute
+    and no float32 copy of the logits. Elsewhere :func:`chunked_causal_lm_loss` (exact in float64).
+    """
+    if fused_loss_kernel(hidden_states.device) != "liger":
+        return chunked_causal_lm_loss(hidden_states, lm_head_weight, labels, chunk_tokens=chunk_tokens,
+                                      num_valid_tokens=num_valid_tokens, ignore_index=ignore_index)
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    if hidden_states.shape[:-1] != labels.shape:
+        raise ValueError(f"hidden_states {tuple(hidden_states.shape)} and labels {tuple(labels.shape)} do not line up")
+    hidden = hidden_states.reshape(-1, hidden_states.shape[-1]).to(lm_head_weight.dtype)
+    token_sum = liger_fused_linear_cross_entropy(
+        hidden, lm_head_weight, labels.reshape(-1), ignore_index=ignore_index, reduction="sum",
+        accum_dtype=torch.float32,  # the head's gradient sums over every chunk: keep it in float32
+    )
+    if num_valid_tokens is None:
+        num_valid_tokens = count_valid_tokens(labels, ignore_index=ignore_index)
+    return _divide(token_sum, num_valid_tokens)
+
+
 def global_loss(loss: torch.Tensor, mode: ParallelMode = ParallelMode.GLOBAL) -> float:
     """The full loss for logging: the sum of every rank's share (no autograd)."""
     value = loss.detach().clone()
