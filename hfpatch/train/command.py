@@ -23,7 +23,8 @@ OPTION_KEYS = {
     "micro_bsz": "data.micro_bsz", "packed": "data.use_packed_dataset", "overflow": "data.overflow",
     "sp": "parallel.tensor.size", "wp": "parallel.weight.size", "steps": "total_steps", "lr": "lr",
     "warmup_steps": "warmup_steps", "seed": "seed", "dtype": "model.dtype",
-    "activation_checkpointing": "model.checkpoint", "compile": "model.compile", "out": "out", "checkpoint_every": "checkpoint_every",
+    "activation_checkpointing": "model.checkpoint", "compile": "model.compile", "fused_loss": "model.fused_loss",
+    "attention_backend": "model.attention_backend", "out": "out", "checkpoint_every": "checkpoint_every",
     "keep_checkpoints": "keep_checkpoints", "resume": "resume", "export": "export", "loss_chunk": "loss_chunk",
 }
 
@@ -65,7 +66,12 @@ def _report(exc: Exception) -> None:
 @click.option("--seed", type=int, help="seed for init and data order [42]")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float64", "bfloat16"]), help="parameter dtype [auto: bf16 compute over float32 weights on GPU, float32 on CPU]")
 @click.option("--activation-checkpointing/--no-activation-checkpointing", default=None, help="recompute activations in backward [off]")
-@click.option("--compile/--no-compile", default=None, help="torch.compile each decoder layer's MLP and norms [off]")
+@click.option("--compile/--no-compile", default=None, help="torch.compile each decoder layer (attention runs eagerly "
+              "between its graphs; MoE and state-space layers: their MLP and norms) [auto: on a GPU]")
+@click.option("--fused-loss/--no-fused-loss", default=None, help="fuse the output projection into the cross entropy "
+              "(liger-kernel on a GPU, else chunked): no full logits [auto: on a GPU]")
+@click.option("--attention-backend", type=click.Choice(["auto", "fa4", "flash_attn", "torch_varlen", "reference"]),
+              help="varlen attention kernel [auto: the fastest that can run here; `hfpatch env` says which]")
 @click.option("--loss-chunk", type=int, metavar="TOKENS", help="compute the LM loss this many tokens at a time, so the "
               "logits of a long sequence never exist whole (language models, LLaVA); 0 = off [0]")
 @click.option("--out", metavar="DIR", help="run directory for checkpoints, metrics.jsonl, loss.png [runs/MODEL]")

@@ -70,7 +70,10 @@ SCHEMA: dict[str, Any] = {
     },
     "model": {
         "checkpoint": Option(False, (bool,), help="activation checkpointing"),
-        "compile": Option(False, (bool,), help="torch.compile each decoder layer's MLP and norms"),
+        "compile": Option(None, (bool,), help="torch.compile each decoder layer (auto: on a GPU)"),
+        "fused_loss": Option(None, (bool,), help="the output projection fused into the cross entropy (auto: on a GPU)"),
+        "attention_backend": Option("auto", (str,), choices=("auto", "fa4", "flash_attn", "torch_varlen", "reference"),
+                                    help="varlen attention kernel (auto: the fastest that can run here)"),
         "dtype": Option("auto", (str,), choices=DTYPES, help="auto: bf16 compute over float32 weights on GPU, float32 on CPU"),
         "init_std": Option(0.02, NUMBER, minimum=0),
     },
@@ -216,6 +219,8 @@ _FLAT = {
     "overflow": ("data", "overflow"),
     "activation_checkpointing": ("model", "checkpoint"),
     "compile": ("model", "compile"),
+    "fused_loss": ("model", "fused_loss"),
+    "attention_backend": ("model", "attention_backend"),
     "dtype": ("model", "dtype"),
     "init_std": ("model", "init_std"),
 }

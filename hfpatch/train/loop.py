@@ -8,6 +8,7 @@ parent so that bad input fails once, before any worker starts.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,9 @@ from typing import Any
 
 import torch
 
-from hfpatch.runtime import ParallelMode, current_device, gpc, parallel_context, resolve_backend
+from hfpatch.environment import attention_summary, inspect_environment
+from hfpatch.runtime import AttentionBackendError, ParallelMode, current_device, fused_loss_kernel, gpc, parallel_context
+from hfpatch.runtime.attention import ENV_VAR as ATTENTION_ENV
 
 from . import faults
 from .build import build_model, compute_dtype, count_parameters, model_config, param_dtype, resolve_entry
@@ -24,14 +27,14 @@ from .config import TrainConfig, check_world_size
 from .dataset import RowStream
 from .errors import ConfigError, DataError, NonFiniteLossError, TrainError
 from .export import export_hf
-from .output_head import defer_output_projection
+from .output_head import defer_output_projection, deferral_problem
 from .launch import attempt_scoped_process_group, world_info
 from .metrics import MetricsLog, RunSummary, peak_flops, plot_loss, read_metrics, step_flops
 from .optim import build_optimizer, build_scheduler
 from .parallelize import parallelize
 from .progress import Progress
 from .step import train_step
-from .workload import check_supported, describe_config, flops_shape, load_workload
+from .workload import check_supported, describe_config, flops_shape, head_dim, load_workload
 
 
 def preflight(cfg: TrainConfig, world: int) -> None:
@@ -52,6 +55,8 @@ def _check_resume_option(cfg: TrainConfig) -> None:
 
 
 def run_training(cfg: TrainConfig) -> RunSummary:
+    if cfg.attention_backend != "auto":  # what every attention call of this process reads
+        os.environ[ATTENTION_ENV] = cfg.attention_backend
     info = world_info()
     check_world_size(cfg, info.world)
     entry = resolve_entry(cfg.model_name)
@@ -89,15 +94,19 @@ class _Trainer:
         self.workload = load_workload(self.entry, cfg, self.rank, param_dtype(cfg.dtype, self.device))
         self.tokenizer, self.dataset, self.source = self.workload.tokenizer, self.workload.dataset, self.workload.source
         self.config = self.workload.config
+        self.attention = self.attention_backend()  # a backend asked for that cannot run fails here, before the model
         model = build_model(self.entry, cfg, self.config, self.device)
         if self.workload.prepare_model is not None:
             self.workload.prepare_model(model)
-        if cfg.loss_chunk:
+        self.fused_loss = self.use_fused_loss(model)
+        if self.fused_loss:
+            defer_output_projection(model, self.entry.name, "--fused-loss")
+        elif cfg.loss_chunk:
             defer_output_projection(model, self.entry.name)
         self.params, self.matmul_params = count_parameters(model)
         self.model = parallelize(
             model, world=self.world, activation_checkpointing=cfg.activation_checkpointing,
-            compute_dtype=compute_dtype(cfg.dtype, self.device), compile_parts=cfg.compile,
+            compute_dtype=compute_dtype(cfg.dtype, self.device), compile_layers=self.compile,
         )
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
@@ -106,14 +115,26 @@ class _Trainer:
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", self.is_main)
         self.peak = peak_flops(self.device)
 
+    @property
+    def compile(self) -> bool:
+        """--compile, by default on a GPU (where it fuses the elementwise half of the step)."""
+        return self.cfg.compile if self.cfg.compile is not None else self.device.type == "cuda"
+
+    def use_fused_loss(self, model) -> bool:
+        """--fused-loss, by default on a GPU for a causal LM whose head is a plain projection."""
+        if self.cfg.fused_loss is not None:
+            return self.cfg.fused_loss
+        return self.device.type == "cuda" and self.workload.loss is None and deferral_problem(model) is None
+
     def describe(self) -> str:
         cfg, data = self.cfg, self.dataset
         return (
             f"hfpatch train {self.entry.name}: {self.params / 1e6:.2f}M params "
             f"({describe_config(self.config)}), "
             f"world {self.world} = dp {self.dp} x sp {self.sp}, wp {cfg.wp}, device {self.device.type}, "
-            f"attention {self.attention_backend()}{', MLP and norms compiled' if cfg.compile else ''}"
-            f"{f', loss in {cfg.loss_chunk}-token chunks' if cfg.loss_chunk else ''}\n"
+            f"attention {self.attention}{', decoder layers compiled' if self.compile else ''}"
+            f"{f', fused linear loss ({fused_loss_kernel(self.device)})' if self.fused_loss else ''}"
+            f"{f', loss in {cfg.loss_chunk}-token chunks' if cfg.loss_chunk and not self.fused_loss else ''}\n"
             f"data: {self.source}: {data.num_documents} documents, {data.num_tokens:,} tokens -> {len(data.rows)} rows "
             f"of {data.seq_len} ({'packed' if cfg.packed else 'padded batches'}; packing efficiency {data.efficiency:.1%}); "
             f"tokenizer: {self.workload.tokenizer_source}\n"
@@ -122,9 +143,12 @@ class _Trainer:
         )
 
     def attention_backend(self) -> str:
-        """The varlen backend the runtime picks for this run's q dtype."""
+        """The varlen backend this run's attention calls take, and why faster ones were passed over."""
         dtype = compute_dtype(self.cfg.dtype, self.device) or param_dtype(self.cfg.dtype, self.device)
-        return resolve_backend(None, torch.empty(1, 1, 8, device=self.device, dtype=dtype))
+        try:
+            return attention_summary(inspect_environment(dtype, head_dim(self.config), self.device))
+        except AttentionBackendError as exc:
+            raise ConfigError(f"--attention-backend: {exc}") from None
 
     @property
     def rows_per_step(self) -> int:
@@ -188,6 +212,7 @@ class _Trainer:
             num_targets=stats.targets, packed=cfg.packed, device=self.device,
             clip_grad_norm=float(cfg.clip_grad_norm), step=step, rank=self.rank,
             loss_fn=self.workload.loss, input_dtype=param_dtype(cfg.dtype, self.device), loss_chunk=cfg.loss_chunk,
+            fused_loss=self.fused_loss,
         )
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

@@ -14,8 +14,11 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Ada
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     groups = [{"params": decay, "weight_decay": float(cfg.weight_decay)}, {"params": no_decay, "weight_decay": 0.0}]
+    # On GPU the fused kernel: one launch for every tensor instead of a chain of foreach ops per step.
+    on_gpu = all(p.device.type == "cuda" for p in decay + no_decay)
     return torch.optim.AdamW(
         [g for g in groups if g["params"]], lr=float(cfg.lr), betas=tuple(cfg.adam_betas), eps=float(cfg.adam_eps),
+        fused=True if on_gpu else None,
     )
 
 

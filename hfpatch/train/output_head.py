@@ -26,15 +26,22 @@ class HiddenStatesHead(nn.Module):
         return hidden_states
 
 
-def defer_output_projection(model: nn.Module, model_name: str) -> None:
-    """Swap ``model``'s output head for a :class:`HiddenStatesHead`, or say why it cannot be."""
+def deferral_problem(model: nn.Module) -> str | None:
+    """Why ``model``'s output projection cannot move into the loss, or None."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     # exactly nn.Linear: a subclass may change the projection (Baichuan2's NormHead normalises its rows)
     if type(head) is not nn.Linear or head.bias is not None:
         kind = "no output head" if head is None else f"a {type(head).__name__} output head"
-        raise ConfigError(f"--loss-chunk is not supported for {model_name}: it has {kind}, "
-                          f"not a plain bias-free linear projection")
-    model.set_output_embeddings(HiddenStatesHead(head))
+        return f"it has {kind}, not a plain bias-free linear projection"
+    return None
+
+
+def defer_output_projection(model: nn.Module, model_name: str, flag: str = "--loss-chunk") -> None:
+    """Swap ``model``'s output head for a :class:`HiddenStatesHead`, or say why it cannot be."""
+    problem = deferral_problem(model)
+    if problem is not None:
+        raise ConfigError(f"{flag} is not supported for {model_name}: {problem}")
+    model.set_output_embeddings(HiddenStatesHead(model.get_output_embeddings()))
 
 
 def output_weight(model: nn.Module) -> torch.Tensor:

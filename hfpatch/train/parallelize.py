@@ -8,20 +8,33 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
 
 from hfpatch.runtime import apply_weight_parallel, find_decoder_layers
 
-COMPILED_PARTS = ("mlp", "norm")  # decoder-layer children whose names end so are compiled
+COMPILED_PARTS = ("mlp", "norm")  # children compiled in a layer that is not compiled whole
 
 
-def compile_layer_parts(model: torch.nn.Module) -> list[str]:
-    """torch.compile the MLP and norms of every decoder layer, in place; returns their names.
+def _dense_decoder_layer(layer: torch.nn.Module) -> bool:
+    """An attention + dense MLP block: compiled whole. Mixture-of-experts blocks route tokens
+    data-dependently (a graph break every step), state-space and diffusion blocks have their own
+    loops: those compile only their MLP and norms."""
+    children = dict(layer.named_children())
+    return "self_attn" in children and "mlp" in children and not hasattr(children["mlp"], "experts")
 
-    Attention stays eager: it reads the step's cu_seqlens / max_seqlen from ``gpc``, and
-    dynamo would guard on those values and recompile every step. The fused elementwise work
-    of the MLP and norms is what compile buys (measured in docs/benchmarks.md, section 3).
+
+def compile_decoder_layers(model: torch.nn.Module) -> list[str]:
+    """torch.compile every decoder layer in place; returns what was compiled ("layer" or child names).
+
+    A dense decoder layer compiles whole (norms, RoPE, projections, SwiGLU, residual adds and casts
+    fuse); attention runs eagerly between its two graphs (the runtime's entry points are excluded from
+    compilation), reading the pack from the layer call's arguments, so a new pack every step costs no
+    recompile. Only ``forward`` is compiled: the module's hooks (FSDP2, checkpointing) stay outside and
+    parameter names stay unchanged. Other layers compile their MLP and norms.
     """
     compiled = []
     for layer in find_decoder_layers(model):
+        if _dense_decoder_layer(layer):
+            layer.forward = torch.compile(layer.forward)
+            compiled.append("layer")
+            continue
         for name, part in layer.named_children():
-            # MoE blocks stay eager too: data-dependent routing breaks the graph every step
             if name.lower().endswith(COMPILED_PARTS) and not hasattr(part, "experts"):
                 part.compile()
                 compiled.append(name)
@@ -30,11 +43,11 @@ def compile_layer_parts(model: torch.nn.Module) -> list[str]:
 
 def parallelize(
     model: torch.nn.Module, *, world: int, activation_checkpointing: bool, compute_dtype: torch.dtype | None = None,
-    compile_parts: bool = False,
+    compile_layers: bool = False,
 ) -> torch.nn.Module:
     """FSDP2 whenever there is more than one rank or mixed precision is wanted (one GPU too)."""
-    if compile_parts:
-        compile_layer_parts(model)
+    if compile_layers:
+        compile_decoder_layers(model)
     if activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if world > 1 or compute_dtype is not None:

@@ -14,7 +14,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from hfpatch.runtime import (
-    ParallelMode, causal_lm_loss, chunked_causal_lm_loss, clear_packed_batch, global_loss, gpc, set_packed_batch,
+    ParallelMode, causal_lm_loss, chunked_causal_lm_loss, clear_packed_batch, fused_linear_causal_lm_loss, global_loss,
+    gpc, set_packed_batch,
 )
 
 from . import faults
@@ -73,11 +74,13 @@ def train_step(
     loss_fn: Callable[..., torch.Tensor] | None = None,
     input_dtype: torch.dtype | None = None,
     loss_chunk: int = 0,
+    fused_loss: bool = False,
 ) -> StepResult:
     """``loss_fn(model, batch, num_targets, device)``: this rank's share of a micro-batch's loss
     (Flux's flow matching); None for the causal LM loss. ``input_dtype``: of pixel_values.
     ``loss_chunk``: the model returns hidden states (``output_head.defer_output_projection``) and
-    the causal LM loss projects them this many tokens at a time."""
+    the causal LM loss projects them this many tokens at a time. ``fused_loss``: the model returns hidden
+    states too and the projection runs fused into the cross entropy (``fused_linear_causal_lm_loss``)."""
     lr = scheduler.get_last_lr()[0]
     loss_sum = torch.zeros((), device=device)
     aux_coef = _router_aux_coef(model)
@@ -94,7 +97,10 @@ def train_step(
                 clear_packed_batch()
             output = model(**_forward_inputs(batch, device, aux_coef > 0, input_dtype))
             labels = batch["labels"].to(device)
-            if loss_chunk:
+            if fused_loss:
+                loss = fused_linear_causal_lm_loss(output.logits, output_weight(model), labels,
+                                                   num_valid_tokens=num_targets, chunk_tokens=loss_chunk or 4096)
+            elif loss_chunk:
                 loss = chunked_causal_lm_loss(output.logits, output_weight(model), labels, chunk_tokens=loss_chunk,
                                               num_valid_tokens=num_targets)
             else:

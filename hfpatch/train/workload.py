@@ -162,3 +162,13 @@ def flops_shape(config) -> tuple[int, int]:
         return config["num_layers"] + config["num_single_layers"], config["num_attention_heads"] * config["attention_head_dim"]
     config = getattr(config, "text_config", None) or config
     return config.num_hidden_layers, config.hidden_size
+
+
+def head_dim(config) -> int:
+    """The attention head dim, for picking the attention kernel."""
+    if isinstance(config, dict):
+        return config["attention_head_dim"]
+    config = getattr(config, "text_config", None) or config
+    dim = getattr(config, "head_dim", None)
+    heads = getattr(config, "num_attention_heads", None)
+    return dim or (config.hidden_size // heads if heads else 64)  # Mamba has no attention: any dim does
