@@ -1,9 +1,11 @@
 """Attention kernel benchmark: varlen fwd+bwd TFLOP/s vs dense causal on the same total tokens.
 
 For each available CUDA backend of hfpatch.runtime, a pack of documents (log-normal lengths,
-median 350, or fixed lengths) is run through varlen attention; the dense contender is one causal
-sequence of the same total length through SDPA (flash). FLOPs count only the causal work each
-one needs (sum of L_i^2 for varlen, T^2 for dense), so TFLOP/s are comparable.
+median 350, or fixed lengths) is run through varlen attention. Dense contenders: one causal sequence
+of the same total length through SDPA, and for fixed lengths the same documents as a dense batch
+[documents, length] (SDPA, and flash-attn 4's dense kernel when present) -- the very same work, so
+varlen / dense-batch is what the packing costs. FLOPs count only the causal work each one needs
+(sum of L_i^2 for varlen and the batch, T^2 for one sequence), so TFLOP/s are comparable.
 
     python scripts/bench_attention.py --out docs/bench/attention.json
 """
@@ -45,6 +47,36 @@ def lengths_for(total, kind, seed=0):
         out.append(int(min(max(math.exp(math.log(350) + torch.randn(1, generator=gen).item()), 16), 4096)))
     out[-1] -= sum(out) - total
     return [n for n in out if n > 0]
+
+
+def dense_batch_rows(kind, lengths, q, k, v, grad, flops) -> list[dict]:
+    """The documents of a fixed-length mix as a dense [documents, length] causal batch: SDPA and FA4."""
+    n, length = len(lengths), lengths[0]
+    heads, dim = q.shape[-2:]
+    batch = [t.detach().reshape(n, length, heads, dim).contiguous().requires_grad_() for t in (q, k, v)]
+    g = grad.reshape(n, length, heads, dim)
+    runs = {"dense_batch_sdpa": lambda: F.scaled_dot_product_attention(
+        *(t.transpose(1, 2) for t in batch), is_causal=True).backward(g.transpose(1, 2))}
+    try:
+        from flash_attn.cute import flash_attn_func
+
+        def fa4():
+            out = flash_attn_func(*batch, causal=True)
+            (out[0] if isinstance(out, tuple) else out).backward(g)
+        runs["dense_batch_fa4"] = fa4
+    except ImportError:
+        pass
+    rows = []
+    for name, fn in runs.items():
+        try:
+            seconds = timed(fn)
+        except Exception as exc:
+            rows.append({"lengths": kind, "backend": name, "error": str(exc)[:200]})
+            continue
+        rows.append({"lengths": kind, "backend": name, "docs": n, "tokens": n * length, "seconds": seconds,
+                     "tflops": flops / seconds / 1e12})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 def main():
@@ -91,10 +123,16 @@ def main():
         rows.append({"lengths": kind, "backend": "dense_causal_sdpa", "tokens": total, "seconds": seconds,
                      "tflops": dense_flops / seconds / 1e12})
         print(json.dumps(rows[-1]), flush=True)
+        if kind.startswith("fixed"):
+            rows.extend(dense_batch_rows(kind, lengths, q, k, v, grad, varlen_flops))
     for row in rows:
-        dense = next(r for r in rows if r["lengths"] == row["lengths"] and r["backend"] == "dense_causal_sdpa")
+        # the same documents as a dense batch where there is one, else one dense causal sequence
+        same = [r for r in rows if r["lengths"] == row["lengths"] and r["backend"].startswith("dense_batch") and "tflops" in r]
+        dense = max(same, key=lambda r: r["tflops"]) if same else next(
+            r for r in rows if r["lengths"] == row["lengths"] and r["backend"] == "dense_causal_sdpa")
         if "tflops" in row:
             row["fraction_of_dense"] = row["tflops"] / dense["tflops"]
+            row["dense_reference"] = dense["backend"]
     report = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "heads": h, "head_dim": d,
               "rows": rows}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

@@ -1,19 +1,23 @@
-"""Packing benchmark, one GPU, contenders side by side in one run on one card.
+"""Packing benchmark, one GPU: contenders side by side in one run on one card.
 
-Llama-2 architecture at ~1B parameters, bf16, fwd+bwd on the same documents for every
-contender (equal real tokens per step):
-  padded        unpatched transformers, micro-batches of 8 documents padded to the longest, sdpa
-  hf_padfree    unpatched transformers, one row with position_ids resets (its own packed-sequence
-                detection), attention_mask=None, flex_attention (the best it has without flash-attn)
-  hfpatch       the patched model, one packed row, cu_seqlens, hfpatch.runtime's varlen backend (auto)
-  hfpatch_compiled      the same (auto backend) with each decoder layer's MLP and RMSNorms torch.compile'd
-                        (attention stays eager: its per-step max_seqlen would recompile a compiled layer)
-Document lengths: log-normal, median 350 tokens, sigma 1.0, clipped to [16, 4096].
-Also reports MFU of the hfpatch contenders (FLOPs = 6 N tokens + causal attention).
+Llama-2 architecture at ~1B parameters, bf16 weights, fwd+bwd on the same documents for every
+contender (equal real tokens per step), no optimizer:
+  padded            unpatched transformers, micro-batches of 8 documents padded to the longest, sdpa
+  hf_padfree        unpatched transformers, one row with position_ids resets (its own packed-sequence
+                    detection), attention_mask=None, flex_attention (the best it has without flash-attn)
+  hf_padfree_liger  the same with liger-kernel applied as a TRL user turns it on (RoPE, RMSNorm,
+                    SwiGLU, fused linear cross-entropy through the model's own loss): the strongest peer
+  hfpatch_eager     the patched model, one packed row, cu_seqlens, the auto attention backend, nothing
+                    fused, logits then cross entropy (hfpatch before it fused anything)
+  hfpatch_liger     the patched model with liger's RMSNorm / SwiGLU / RoPE kernels and the fused loss
+  hfpatch           the patched model as `hfpatch train` runs it on a GPU by default: decoder layers
+                    compiled whole (attention eager between the graphs) and the fused linear loss
+Documents: log-normal lengths, median 350 tokens, sigma 1.0, clipped to [16, 4096]; or (--source
+trainer) the documents `hfpatch train llama2 --seq-len N --micro-num 1` reads, step by step.
+MFU for every contender: (6 N tokens + causal attention FLOPs) / time / 989 TFLOP/s (H100/H200 bf16).
 
     python scripts/bench_packing.py --out docs/bench/packing.json
-    python scripts/bench_packing.py --out docs/bench/mfu.json --tokens-per-step 8192 \
-        --contenders hfpatch,hfpatch_compiled
+    python scripts/bench_packing.py --out docs/bench/trainer_vs_bare.json --source trainer --contenders hfpatch
 """
 
 from __future__ import annotations
@@ -30,10 +34,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-H100_BF16_PEAK = 989e12  # dense bf16 TFLOP/s of an H100 SXM, the MFU denominator
+BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100 / H200 SXM, the MFU denominator
+CONTENDERS = ("padded", "hf_padfree", "hf_padfree_liger", "hfpatch_eager", "hfpatch_liger", "hfpatch")
 
 
-def documents(n_tokens: int, vocab: int, seed: int) -> list[torch.Tensor]:
+def lognormal_documents(n_tokens: int, vocab: int, seed: int) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     docs, total = [], 0
     while total < n_tokens:
@@ -44,20 +49,41 @@ def documents(n_tokens: int, vocab: int, seed: int) -> list[torch.Tensor]:
     return docs
 
 
+def trainer_documents(seq_len: int, steps: int, seed: int = 42) -> list[list[torch.Tensor]]:
+    """The documents of the first ``steps`` steps of `hfpatch train llama2 --seq-len SEQ_LEN --micro-num 1`."""
+    from hfpatch.train.batches import row_documents
+    from hfpatch.train.config import resolve_config
+    from hfpatch.train.data import load_dataset
+    from hfpatch.train.dataset import RowStream
+
+    cfg = resolve_config("llama2", overrides={"data.seq_len": seq_len, "data.micro_num": 1, "seed": seed})
+    _, dataset, _ = load_dataset(cfg, rank=0)
+    rows = RowStream(len(dataset.rows), seed).take(0, steps)
+    return [row_documents(dataset.rows[i]) for i in rows]
+
+
 def config(args):
     from transformers import LlamaConfig
 
     return LlamaConfig(vocab_size=32000, hidden_size=args.hidden, intermediate_size=args.intermediate,
                        num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                       num_key_value_heads=args.heads, max_position_embeddings=8192, torch_dtype="bfloat16")
+                       num_key_value_heads=args.heads, max_position_embeddings=max(8192, args.tokens_per_step),
+                       torch_dtype="bfloat16")
+
+
+def shifted(doc: torch.Tensor) -> torch.Tensor:
+    return torch.cat([doc[1:], torch.tensor([-100])])
 
 
 def token_losses(logits, labels):
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
 
 
-def shifted(doc: torch.Tensor) -> torch.Tensor:
-    return torch.cat([doc[1:], torch.tensor([-100])])
+def packed_inputs(docs):
+    ids = torch.cat(docs)[None].cuda()
+    positions = torch.cat([torch.arange(len(d)) for d in docs])[None].cuda()
+    labels = torch.cat([shifted(d) for d in docs])[None].cuda()
+    return ids, positions, labels
 
 
 def step_padded(model, docs, n_targets, micro=8):
@@ -72,40 +98,88 @@ def step_padded(model, docs, n_targets, micro=8):
             ids[row, :len(doc)] = doc
             labels[row, :len(doc)] = shifted(doc)
             mask[row, :len(doc)] = 1
-        ids, labels, mask = ids.cuda(), labels.cuda(), mask.cuda()
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        loss = token_losses(logits, labels) / n_targets
+        logits = model(input_ids=ids.cuda(), attention_mask=mask.cuda(), use_cache=False).logits
+        loss = token_losses(logits, labels.cuda()) / n_targets
         loss.backward()
         loss_total += loss.item()
     return loss_total
 
 
-def packed_inputs(docs):
-    ids = torch.cat(docs)[None].cuda()
-    positions = torch.cat([torch.arange(len(d)) for d in docs])[None].cuda()
-    labels = torch.cat([shifted(d) for d in docs])[None].cuda()
-    return ids, positions, labels
-
-
 def step_hf_padfree(model, docs, n_targets):
     ids, positions, labels = packed_inputs(docs)
-    logits = model(input_ids=ids, position_ids=positions, use_cache=False).logits
-    loss = token_losses(logits, labels) / n_targets
+    loss = token_losses(model(input_ids=ids, position_ids=positions, use_cache=False).logits, labels) / n_targets
     loss.backward()
     return loss.item()
 
 
-def step_hfpatch(model, docs, n_targets):
+def step_hf_padfree_liger(model, docs, n_targets):
+    # transformers' labels convention (it shifts them): -100 at each document's first token, as
+    # DataCollatorWithFlattening writes them, so no target crosses a document boundary
+    ids, positions, _ = packed_inputs(docs)
+    labels = torch.cat([torch.cat([torch.tensor([-100]), d[1:]]) for d in docs])[None].cuda()
+    loss = model(input_ids=ids, position_ids=positions, labels=labels, use_cache=False).loss
+    loss.backward()
+    return loss.item()
+
+
+def step_hfpatch(model, docs, n_targets, fused_loss=False):
     from hfpatch import runtime
+    from hfpatch.train.output_head import output_weight
 
     ids, positions, labels = packed_inputs(docs)
     lengths = torch.tensor([0] + [len(d) for d in docs])
     cu = torch.cumsum(lengths, 0).to(torch.int32).cuda()
     with runtime.packed_batch(cu, max(len(d) for d in docs)):
-        logits = model(input_ids=ids, position_ids=positions, use_cache=False).logits
-    loss = token_losses(logits, labels) / n_targets
+        out = model(input_ids=ids, position_ids=positions, use_cache=False).logits
+    if fused_loss:
+        loss = runtime.fused_linear_causal_lm_loss(out, output_weight(model), labels, num_valid_tokens=n_targets)
+    else:
+        loss = token_losses(out, labels) / n_targets
     loss.backward()
     return loss.item()
+
+
+def apply_liger_to_patched(model) -> None:
+    """liger's RMSNorm and SwiGLU on the patched model's modules, its RoPE in the patched module."""
+    from liger_kernel.transformers import apply_liger_kernel_to_llama
+    from liger_kernel.transformers.rope import liger_rotary_pos_emb
+
+    apply_liger_kernel_to_llama(rope=False, rms_norm=True, swiglu=True, cross_entropy=False,
+                                fused_linear_cross_entropy=False, model=model)
+    sys.modules[type(model).__module__].apply_rotary_pos_emb = liger_rotary_pos_emb
+
+
+def build(name, cfg, state):
+    """(model, step function) of one contender, weights from ``state``."""
+    import transformers
+
+    from hfpatch import modeling, zoo
+    from hfpatch.train.output_head import defer_output_projection
+    from hfpatch.train.parallelize import compile_decoder_layers
+
+    if name.startswith("hfpatch"):
+        model = modeling.model_class(zoo.resolve("llama2"))(cfg)
+        model.load_state_dict(state)
+        fused = name != "hfpatch_eager"
+        if fused:
+            defer_output_projection(model, "llama2")
+        if name == "hfpatch_liger":
+            apply_liger_to_patched(model)
+        if name == "hfpatch":
+            compile_decoder_layers(model)
+        return model, lambda m, docs, n: step_hfpatch(m, docs, n, fused_loss=fused)
+    if name == "hf_padfree_liger":
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        cfg._attn_implementation = "flex_attention"
+        model = transformers.LlamaForCausalLM(cfg)
+        model.load_state_dict(state)
+        apply_liger_kernel_to_llama(model=model)  # rope, rms_norm, swiglu, fused linear cross-entropy
+        return model, step_hf_padfree_liger
+    cfg._attn_implementation = "sdpa" if name == "padded" else "flex_attention"
+    model = transformers.LlamaForCausalLM(cfg)
+    model.load_state_dict(state)
+    return model, (step_padded if name == "padded" else step_hf_padfree)
 
 
 def measure(name, model, step, batches, warmup):
@@ -138,71 +212,66 @@ def attention_flops(docs, layers, hidden):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--tokens-per-step", type=int, default=16384)
+    parser.add_argument("--source", choices=("lognormal", "trainer"), default="lognormal")
+    parser.add_argument("--tokens-per-step", type=int, default=16384, help="lognormal: real tokens; trainer: seq_len")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--intermediate", type=int, default=5632)
     parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--contenders", default="padded,hf_padfree,hfpatch")
+    parser.add_argument("--contenders", default="hf_padfree,hf_padfree_liger,hfpatch_eager,hfpatch_liger,hfpatch")
     args = parser.parse_args()
+    names = args.contenders.split(",")
+    unknown = sorted(set(names) - set(CONTENDERS))
+    if unknown:
+        parser.error(f"unknown contenders {unknown}; choose from {', '.join(CONTENDERS)}")
 
     import transformers
 
-    from hfpatch import modeling, runtime, zoo
+    from hfpatch import runtime
 
     cfg = config(args)
-    batches = []
-    for step in range(args.steps + args.warmup):
-        docs = documents(args.tokens_per_step, cfg.vocab_size, seed=step)
-        batches.append((docs, sum(len(d) - 1 for d in docs)))
+    if args.source == "trainer":
+        step_docs = trainer_documents(args.tokens_per_step, args.steps + args.warmup)
+    else:
+        step_docs = [lognormal_documents(args.tokens_per_step, cfg.vocab_size, seed=s) for s in range(args.steps + args.warmup)]
+    batches = [(docs, sum(len(d) - 1 for d in docs)) for docs in step_docs]
     torch.manual_seed(0)
     reference = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
     state = {k: v.clone() for k, v in reference.state_dict().items()}
     n_params = sum(p.numel() for p in reference.parameters())
     del reference
     results = []
-    for name in args.contenders.split(","):
-        if name.startswith("hfpatch"):
-            cls = modeling.model_class(zoo.resolve("llama2"))
-            model = cls(cfg)
-            step = step_hfpatch
-            if name == "hfpatch_compiled":
-                for layer in model.model.layers:
-                    for part in (layer.mlp, layer.input_layernorm, layer.post_attention_layernorm):
-                        part.compile()
-        else:
-            cfg._attn_implementation = "sdpa" if name == "padded" else "flex_attention"
-            model = transformers.LlamaForCausalLM(cfg)
-            step = step_padded if name == "padded" else step_hf_padfree
-        model.load_state_dict(state)
-        model = model.to(torch.bfloat16).cuda().train()
+    for name in names:
         try:
+            model, step = build(name, cfg, state)
+            model = model.to(torch.bfloat16).cuda().train()
             results.append(measure(name, model, step, batches, args.warmup))
         except torch.OutOfMemoryError as exc:
             results.append({"contender": name, "error": f"out of memory: {str(exc)[:200]}"})
-        except Exception as exc:  # an optional contender (compile) that cannot run is reported, not fatal
-            if name == "hfpatch":
-                raise
-            results.append({"contender": name, "error": repr(exc)[:300]})
-        del model
+        except Exception as exc:  # a contender that cannot run here is reported, not fatal
+            results.append({"contender": name, "error": repr(exc)[:400]})
+            print(json.dumps(results[-1]), flush=True)
+        model = None
         torch.cuda.empty_cache()
+    measured = batches[args.warmup:]
+    flops = 6 * n_params * sum(len(d) for docs, _ in measured for d in docs) + sum(
+        attention_flops(docs, args.layers, args.hidden) for docs, _ in measured)
     by_name = {r["contender"]: r for r in results if "error" not in r}
-    flops = 6 * n_params * sum(len(d) for docs, _ in batches[args.warmup:] for d in docs) + sum(
-        attention_flops(d, args.layers, args.hidden) for d, _ in batches[args.warmup:])
-    for name, r in by_name.items():
-        if name.startswith("hfpatch"):
-            r["mfu"] = flops / r["seconds"] / H100_BF16_PEAK
+    for r in by_name.values():
+        r["mfu"] = flops / r["seconds"] / BF16_PEAK
+    for peer in ("hf_padfree_liger", "hf_padfree", "padded"):
+        if peer in by_name:
+            for r in by_name.values():
+                r[f"speedup_vs_{peer}"] = r["real_tokens_per_s"] / by_name[peer]["real_tokens_per_s"]
+                r[f"loss_diff_vs_{peer}"] = abs(r["first_step_loss"] - by_name[peer]["first_step_loss"])
+    probe = torch.empty(1, 1, args.hidden // args.heads, dtype=torch.bfloat16, device="cuda")
     report = {
         "card": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "attention_backend": runtime.resolve_backend(None, torch.empty(1, 1, 1, 64, dtype=torch.bfloat16, device="cuda")),
+        "attention_backend": runtime.resolve_backend(None, probe), "fused_loss": runtime.fused_loss_kernel(probe.device),
         "params": n_params, "config": vars(args), "results": results,
     }
-    if "padded" in by_name:
-        for r in by_name.values():
-            r["speedup_vs_padded"] = r["real_tokens_per_s"] / by_name["padded"]["real_tokens_per_s"]
-            r["loss_diff_vs_padded"] = abs(r["first_step_loss"] - by_name["padded"]["first_step_loss"])
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as handle:
         json.dump(report, handle, indent=2, default=str)

@@ -9,6 +9,10 @@
     python scripts/gpu_check.py --device cpu --out /tmp/check.json
         CPU smoke test: reference path only (gloo under torchrun)
 
+On one GPU it also checks the rest of the default training path in bf16 against float32: the fused
+linear cross-entropy (loss and gradients) and a patched Llama whose decoder layers are compiled whole
+(loss and gradients of a packed step).
+
 A kernel passes when its error against an fp32 run of the reference is at most
 twice the bf16 reference's own error (floor ``--atol``): "as accurate as bf16 SDPA".
 Exit status 1 if any check fails.
@@ -97,10 +101,11 @@ def check_backends(args, device) -> list[dict]:
         ref_lp = fwd_bwd(q, k, v, dout, varlen_fn("reference", cu, max_len, causal, window), args.dtype)
         ref_err = {t: errors(ref_lp[t], golden[t]) for t in golden}
         rows.append({"case": name, "backend": "reference", "dtype": str(args.dtype), "docs": len(lengths),
-                     "tokens": total, "vs_fp32": ref_err,
+                     "tokens": total, "head_dim": args.head_dim, "vs_fp32": ref_err,
                      "passed": all(e["max_rel"] <= args.ref_rtol for e in ref_err.values())})
         for backend in candidates:
-            row = {"case": name, "backend": backend, "dtype": str(args.dtype), "docs": len(lengths), "tokens": total}
+            row = {"case": name, "backend": backend, "dtype": str(args.dtype), "docs": len(lengths), "tokens": total,
+                   "head_dim": args.head_dim}
             try:
                 got = fwd_bwd(q, k, v, dout, varlen_fn(backend, cu, max_len, causal, window), args.dtype)
             except (rt.AttentionBackendError, RuntimeError, ValueError) as exc:
@@ -114,6 +119,78 @@ def check_backends(args, device) -> list[dict]:
             )
             rows.append(row)
     return rows
+
+
+def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((got.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12)).item()
+
+
+def check_fused_loss(args, device) -> list[dict]:
+    """runtime.fused_linear_causal_lm_loss in bf16 vs float32 logits + cross entropy; the bf16 logits path
+    (what the model computed before) sets the bar: at most twice its error."""
+    g = torch.Generator().manual_seed(7)
+    tokens, hidden, vocab = 8192, 2048, 32000
+    h = (torch.randn(tokens, hidden, generator=g) * 0.5).to(device)
+    w = (torch.randn(vocab, hidden, generator=g) * hidden ** -0.5).to(device)
+    labels = torch.randint(0, vocab, (tokens,), generator=g).to(device)
+    labels[::97] = -100
+    n = int((labels != -100).sum())
+
+    def run(fn, dtype):
+        hh, ww = (t.to(dtype).clone().requires_grad_(True) for t in (h, w))
+        loss = fn(hh, ww)
+        loss.backward()
+        return loss.detach().float(), hh.grad.float(), ww.grad.float()
+
+    plain = lambda hh, ww: torch.nn.functional.cross_entropy((hh @ ww.t()).float(), labels, reduction="sum") / n  # noqa: E731
+    golden, lowp = run(plain, torch.float32), run(plain, args.dtype)
+    fused = run(lambda hh, ww: rt.fused_linear_causal_lm_loss(hh, ww, labels, num_valid_tokens=n), args.dtype)
+    names = ("loss", "d_hidden", "d_weight")
+    bar = {k: _rel(a, b) for k, a, b in zip(names, lowp, golden)}
+    got = {k: _rel(a, b) for k, a, b in zip(names, fused, golden)}
+    return [{"case": "fused_linear_cross_entropy", "kernel": rt.fused_loss_kernel(device), "tokens": tokens,
+             "vocab": vocab, "rel_err_vs_fp32": got, "bf16_logits_rel_err_vs_fp32": bar,
+             "passed": all(got[k] <= max(2 * bar[k], 1e-3) for k in names)}]
+
+
+def check_compiled_model(args, device) -> list[dict]:
+    """A packed step of a patched Llama (4 layers, hidden 1024, head dim 128) with its decoder layers
+    compiled whole and the fused loss, bf16, vs the same model eager in float32; eager bf16 sets the bar."""
+    from transformers import LlamaConfig
+
+    from hfpatch import modeling, zoo
+    from hfpatch.train.output_head import defer_output_projection, output_weight
+    from hfpatch.train.parallelize import compile_decoder_layers
+
+    cfg = LlamaConfig(vocab_size=8192, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
+                      num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=8192)
+    torch.manual_seed(0)
+    state = modeling.model_class(zoo.resolve("llama2"))(cfg).state_dict()
+    rows = [[int(t) for t in torch.randint(3, 8192, (n,))] for n in doc_lengths(4096, 11)]
+    batch = rt.build_packed_row(rows).as_batch()
+
+    def run(dtype, compiled, steps=3):
+        model = modeling.model_class(zoo.resolve("llama2"))(cfg)
+        model.load_state_dict(state)
+        defer_output_projection(model, "llama2")
+        if compiled:
+            compile_decoder_layers(model)
+        model = model.to(device, dtype).train()
+        for _ in range(steps):  # compiled: the first steps compile, the last is compared
+            model.zero_grad(set_to_none=True)
+            with rt.packed_batch(batch["cu_seqlens"].to(device), batch["max_seqlen"]):
+                hidden = model(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
+                               use_cache=False).logits
+            loss = rt.fused_linear_causal_lm_loss(hidden, output_weight(model), batch["labels"].to(device))
+            loss.backward()
+        grads = torch.cat([p.grad.float().flatten() for p in model.parameters()])
+        return loss.detach().float(), grads
+
+    golden, eager, compiled = run(torch.float32, False, 1), run(args.dtype, False, 1), run(args.dtype, True)
+    bar = {"loss": _rel(eager[0], golden[0]), "grads": _rel(eager[1], golden[1])}
+    got = {"loss": _rel(compiled[0], golden[0]), "grads": _rel(compiled[1], golden[1])}
+    return [{"case": "patched_llama_compiled_layers_fused_loss", "rel_err_vs_fp32": got, "eager_bf16_rel_err_vs_fp32": bar,
+             "passed": all(got[k] <= max(2 * bar[k], 1e-3) for k in got)}]
 
 
 def check_isp(args, device) -> list[dict]:
@@ -175,7 +252,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
                    help="precision under test (default bfloat16)")
     p.add_argument("--tokens", type=int, default=None, help="tokens per pack (default 4096 cuda, 256 cpu)")
-    p.add_argument("--head-dim", type=int, default=None, help="default 64 cuda, 16 cpu")
+    p.add_argument("--head-dims", default=None, help="comma-separated (default 64,128 cuda, 16 cpu)")
     p.add_argument("--backend", default=None, help="backend for the ISP check (default: auto)")
     p.add_argument("--atol", type=float, default=1e-2, help="absolute error floor for kernels vs fp32")
     p.add_argument("--ref-rtol", type=float, default=5e-2, help="bf16 reference vs fp32, relative")
@@ -184,7 +261,8 @@ def parse_args(argv=None):
     cuda = args.device == "cuda"
     args.dtype = getattr(torch, args.dtype or "bfloat16")
     args.tokens = args.tokens or (4096 if cuda else 256)
-    args.head_dim = args.head_dim or (64 if cuda else 16)
+    args.head_dims = [int(d) for d in (args.head_dims or ("64,128" if cuda else "16")).split(",")]
+    args.head_dim = args.head_dims[0]
     return args
 
 
@@ -201,14 +279,16 @@ def main(argv=None) -> int:
     started = time.time()
     report = {"environment": environment(device), "world_size": world}
     if rank == 0:
-        report["backends"] = check_backends(args, device)
+        report["backends"] = [row for args.head_dim in args.head_dims for row in check_backends(args, device)]
+        if device.type == "cuda" and world == 1:
+            report["training_path"] = check_fused_loss(args, device) + check_compiled_model(args, device)
     if world > 1:
         report["isp"] = check_isp(args, device)
         rt.destroy()
     if rank != 0:
         return 0
     report["seconds"] = round(time.time() - started, 2)
-    checks = report.get("backends", []) + report.get("isp", [])
+    checks = report.get("backends", []) + report.get("training_path", []) + report.get("isp", [])
     report["passed"] = all(c["passed"] is not False for c in checks)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
@@ -217,7 +297,9 @@ def main(argv=None) -> int:
         status = "skip" if c["passed"] is None else ("PASS" if c["passed"] else "FAIL")
         errs = c.get("vs_fp32") or c.get("isp_vs_sp1") or {}
         worst = max((e["max_abs"] for e in errs.values()), default=float("nan"))
-        print(f"{status}  {c.get('backend', 'isp sp=%s' % c.get('sp'))}:{c['case']}  max_abs={worst:.3g}")
+        what = c.get("backend", "isp sp=%s" % c.get("sp")) if "rel_err_vs_fp32" not in c else "training path"
+        worst = max(c["rel_err_vs_fp32"].values()) if "rel_err_vs_fp32" in c else worst
+        print(f"{status}  {what}:{c['case']}{'' if 'head_dim' not in c else ' d=%d' % c['head_dim']}  err={worst:.3g}")
     print(f"{'PASSED' if report['passed'] else 'FAILED'}; report: {args.out}")
     return 0 if report["passed"] else 1
 
