@@ -51,3 +51,27 @@ def test_export_reloads_in_plain_transformers_with_identical_logits(train_env, t
     with torch.no_grad():
         expected = model(ids).logits
     torch.testing.assert_close(plain["logits"], expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_a_checkpoint_missing_weights_is_refused_unless_allowed(train_env, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from test_train_common import cli
+
+    hf = tmp_path / "hf"
+    cli_ok("llama2", *TINY, "--steps", "1", "--out", tmp_path / "run", "--export", hf)
+    weights = load_file(hf / "model.safetensors")
+    dropped = [k for k in weights if k.startswith("model.layers.1.") or k == "lm_head.weight"]
+    assert dropped and "lm_head.weight" in dropped
+    save_file({k: v for k, v in weights.items() if k not in dropped}, hf / "model.safetensors", metadata={"format": "pt"})
+
+    result = cli("llama2", "--model-path", hf, *TINY, "--steps", "1", "--out", tmp_path / "tuned")
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 1 and len(lines) == 1, result.output
+    assert lines[0].startswith(f"error: --model-path {hf} does not match the model: {len(dropped)} missing (")
+    assert "--allow-missing-weights" in lines[0]
+    assert not (tmp_path / "tuned" / "checkpoints").exists()
+
+    allowed = cli_ok("llama2", "--model-path", hf, *TINY, "--steps", "1", "--out", tmp_path / "tuned", "--allow-missing-weights")
+    assert f"{len(dropped)} missing" in allowed.output

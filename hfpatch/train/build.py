@@ -7,10 +7,12 @@ config), so a newly patched zoo entry trains without trainer changes.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
+import sys
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 
@@ -210,12 +212,16 @@ def build_model(entry: zoo.Entry, cfg: TrainConfig, config, device: torch.device
     dtype = param_dtype(cfg.dtype, device)
     if cfg.model_path:
         try:
-            if isinstance(config, dict):  # diffusers: the dir's own config, its torch_dtype keyword
-                model = cls.from_pretrained(cfg.model_path, torch_dtype=dtype, local_files_only=True)
-            else:
-                model = cls.from_pretrained(cfg.model_path, config=config, dtype=dtype, local_files_only=True)
+            with quiet_loading():
+                if isinstance(config, dict):  # diffusers: the dir's own config, its torch_dtype keyword
+                    model, info = cls.from_pretrained(cfg.model_path, torch_dtype=dtype, local_files_only=True,
+                                                      output_loading_info=True)
+                else:
+                    model, info = cls.from_pretrained(cfg.model_path, config=config, dtype=dtype,
+                                                      local_files_only=True, output_loading_info=True)
         except Exception as exc:
             raise TrainError(f"cannot load weights from {cfg.model_path}: {str(exc).splitlines()[0]}") from None
+        check_loaded_weights(info, cfg.model_path, allow_missing=cfg.allow_missing_weights)
     else:
         torch.manual_seed(cfg.seed)
         model = cls.from_config(config) if isinstance(config, dict) else cls(config)  # diffusers: a dict
@@ -223,6 +229,39 @@ def build_model(entry: zoo.Entry, cfg: TrainConfig, config, device: torch.device
             model.reset_parameters(cfg.init_std)
         model = model.to(dtype)
     return model.to(device).train()
+
+
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """No progress bar and no load report from transformers: check_loaded_weights says what matters."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def check_loaded_weights(info: Mapping[str, Any], path: str, *, allow_missing: bool) -> None:
+    """A checkpoint that leaves weights at their random init (missing), brings weights the model has no
+    place for (unexpected) or of another shape (mismatched) is an error, unless explicitly allowed."""
+    problems = {kind: sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get(f"{kind}_keys") or ())
+                for kind in ("missing", "unexpected", "mismatched")}
+    problems = {kind: keys for kind, keys in problems.items() if keys}
+    if not problems:
+        return
+    described = "; ".join(f"{len(keys)} {kind} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+                          for kind, keys in problems.items())
+    if not allow_missing:
+        raise TrainError(f"--model-path {path} does not match the model: {described} weights; pass "
+                         f"--allow-missing-weights to train with those left at their random init")
+    print(f"warning: --model-path {path}: {described} weights left at their random init (--allow-missing-weights)",
+          file=sys.stderr, flush=True)
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

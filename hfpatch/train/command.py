@@ -18,7 +18,7 @@ ARGV_KEY = "hfpatch.train.argv"
 
 # Command-line option -> the config key it overrides.
 OPTION_KEYS = {
-    "model_path": "model_path", "data": "data.train_folder", "tokenizer": "data.tokenizer_path",
+    "model_path": "model_path", "allow_missing_weights": "allow_missing_weights", "data": "data.train_folder", "tokenizer": "data.tokenizer_path",
     "text_field": "data.text_field", "seq_len": "data.seq_len", "micro_num": "data.micro_num",
     "micro_bsz": "data.micro_bsz", "packed": "data.use_packed_dataset", "overflow": "data.overflow",
     "sp": "parallel.tensor.size", "wp": "parallel.weight.size", "steps": "total_steps", "lr": "lr",
@@ -49,6 +49,8 @@ def _report(exc: Exception) -> None:
 @click.argument("model")
 @click.option("-c", "--config", "config_file", type=click.Path(dir_okay=False), help="InternEvo-style python config file")
 @click.option("--model-path", metavar="DIR", help="start from this local HF checkpoint dir (default: the zoo's tiny random-init config)")
+@click.option("--allow-missing-weights", is_flag=True, default=None, help="with --model-path: train even if the "
+              "checkpoint lacks weights of the model (they keep their random init) [refused]")
 @click.option("--data", metavar="PATH", help="jsonl / parquet / datasets dir (default: the embedded pydoc corpus); "
               "llava: image+text jsonl; flux: dir of .safetensors latents (default: synthetic)")
 @click.option("--tokenizer", metavar="DIR", help="local tokenizer dir (default: the model's own, else the embedded BPE)")

@@ -46,6 +46,7 @@ SCHEMA: dict[str, Any] = {
     "clip_grad_norm": Option(1.0, NUMBER, minimum=0, help="0 disables clipping (the norm is still reported)"),
     "loss_chunk": Option(0, (int,), minimum=0, help="tokens per chunk of the LM loss, whose logits never exist whole; 0 = off"),
     "model_path": Option(None, (str,), help="local HF checkpoint dir to start from"),
+    "allow_missing_weights": Option(False, (bool,), help="train even if --model-path lacks some of the model's weights"),
     "out": Option(None, (str,), help="run directory (default runs/<model>)"),
     "checkpoint_every": Option(0, (int,), minimum=0, help="0: only at the end"),
     "keep_checkpoints": Option(2, (int,), minimum=1),
