@@ -224,6 +224,8 @@ class _Trainer:
             "tokens": stats.real_tokens, "tokens_per_s": stats.real_tokens / elapsed, "packing_efficiency": stats.efficiency,
             "step_time_s": elapsed, "epoch": round(self.stream.epoch_of(state.rows_consumed), 4),
         }
+        if self.device.type == "cuda":
+            record["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         if self.peak:
             flops = step_flops(self.matmul_params, *flops_shape(self.config), stats)
             record["mfu"] = flops / (elapsed * self.world * self.peak)
