@@ -4,16 +4,22 @@ Activations arrive sharded along the sequence (each rank of the TENSOR group hol
 contiguous slice). An all-to-all turns ``[S/sp, H, D]`` into ``[S, H/sp, D]``, every
 rank runs attention for its heads over the full sequence with the GLOBAL
 cu_seqlens, and the inverse all-to-all restores the sequence sharding. With sp == 1
-(or no runtime) there is no communication at all.
+(or no runtime) there is no communication at all. With ``$HFPATCH_ISP_OVERLAP=N`` the packed path
+takes the heads in N groups and overlaps each group's exchanges with another group's attention.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.distributed as dist
 
 from .attention import dense_attention, varlen_attention
 from .context import ParallelMode, gpc
+
+# head groups whose all-to-alls overlap attention compute (1 = one exchange of all heads)
+OVERLAP_ENV = "HFPATCH_ISP_OVERLAP"
 
 
 def _all_to_all(x: torch.Tensor, group, world: int, scatter_dim: int, gather_dim: int) -> torch.Tensor:
@@ -56,6 +62,74 @@ def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group=None) -
             f"group size {world}"
         )
     return _AllToAll.apply(x, group, world, scatter_dim, gather_dim)
+
+
+def _start_all_to_all(x: torch.Tensor, group, world: int, scatter_dim: int):
+    """Launch ``_all_to_all`` without waiting: (receive buffer, work, finish(recv) -> result)."""
+    shape = list(x.shape)
+    shape[scatter_dim : scatter_dim + 1] = [world, shape[scatter_dim] // world]
+    send = x.reshape(shape).movedim(scatter_dim, 0).contiguous()
+    recv = torch.empty_like(send)
+    return recv, dist.all_to_all_single(recv, send, group=group, async_op=True)
+
+
+def _finish_all_to_all(recv: torch.Tensor, work, gather_dim: int) -> torch.Tensor:
+    work.wait()
+    recv = recv.movedim(0, gather_dim)
+    shape = list(recv.shape)
+    shape[gather_dim : gather_dim + 2] = [shape[gather_dim] * shape[gather_dim + 1]]
+    return recv.reshape(shape)
+
+
+class _PipelinedISPAttention(torch.autograd.Function):
+    """ISP attention with its all-to-alls overlapped with compute, heads taken in ``chunks`` groups.
+
+    Forward: the exchange (sequence -> heads) of group c+1 runs while group c's attention computes,
+    and group c's output goes back (heads -> sequence) while group c+1 computes. Backward mirrors it
+    with the gradients. Each group's attention keeps its own autograd graph; the result equals the
+    unchunked exchange exactly (attention is per head). q ``[S_local, H, D]``, k/v ``[S_local, H_kv, D]``.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, attend, group, sp, chunks):
+        ctx.group, ctx.sp, ctx.chunks = group, sp, chunks
+        heads = [t.chunk(chunks, dim=1) for t in (q, k, v)]  # contiguous groups keep GQA's q -> kv mapping
+        start = lambda c: [_start_all_to_all(t[c], group, sp, 1) for t in heads]  # noqa: E731
+        pending, graphs, outs = start(0), [], []
+        for c in range(chunks):
+            nxt = start(c + 1) if c + 1 < chunks else None
+            with torch.enable_grad():
+                leaves = [_finish_all_to_all(r, w, 0).detach().requires_grad_() for r, w in pending]
+                out = attend(*leaves)
+            graphs.append((leaves, out))
+            outs.append(_start_all_to_all(out.detach(), group, sp, 0))
+            pending = nxt
+        ctx.graphs = graphs
+        return torch.cat([_finish_all_to_all(r, w, 1) for r, w in outs], dim=1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        group, sp, chunks = ctx.group, ctx.sp, ctx.chunks
+        grads = grad.contiguous().chunk(chunks, dim=1)
+        pending, sent = _start_all_to_all(grads[0], group, sp, 1), []
+        for c in range(chunks):
+            nxt = _start_all_to_all(grads[c + 1], group, sp, 1) if c + 1 < chunks else None
+            leaves, out = ctx.graphs[c]
+            parts = torch.autograd.grad(out, leaves, _finish_all_to_all(*pending, 0))
+            sent.append([_start_all_to_all(p, group, sp, 0) for p in parts])
+            pending = nxt
+        ctx.graphs = None
+        dq, dk, dv = ([_finish_all_to_all(r, w, 1) for r, w in (s[i] for s in sent)] for i in range(3))
+        return torch.cat(dq, 1), torch.cat(dk, 1), torch.cat(dv, 1), None, None, None, None
+
+
+def _overlap_chunks(heads: int, kv_heads: int, sp: int) -> int:
+    """Head groups for the overlapped exchange: $HFPATCH_ISP_OVERLAP (default 1 = plain exchange),
+    lowered until every group splits evenly over sp for both q and kv heads."""
+    chunks = int(os.environ.get(OVERLAP_ENV) or 1)
+    while chunks > 1 and (heads % (chunks * sp) or kv_heads % (chunks * sp)):
+        chunks -= 1
+    return chunks
 
 
 def _split_heads_for_sp(q, k, v, sp: int, head_dim: int):
@@ -118,16 +192,23 @@ def isp_flash_attn_varlen_func(
         if sp > 1 and (q.shape[0] != 1 or k.shape[0] != 1):
             raise ValueError(f"ISP packed attention expects batch size 1, got q shape {tuple(q.shape)}")
         q, k, v = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)
-    if sp > 1:
+    def attend(q, k, v):
+        return varlen_attention(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+            causal=causal, softmax_scale=softmax_scale, dropout_p=attention_dropout,
+            window_size=window_size, backend=backend,
+        )
+
+    if sp == 1:
+        out = attend(q, k, v)
+    else:
         k, v = _split_heads_for_sp(q, k, v, sp, head_dim=1)
-        q, k, v = (all_to_all(t, scatter_dim=1, gather_dim=0, group=group) for t in (q, k, v))
-    out = varlen_attention(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-        causal=causal, softmax_scale=softmax_scale, dropout_p=attention_dropout,
-        window_size=window_size, backend=backend,
-    )
-    if sp > 1:
-        out = all_to_all(out, scatter_dim=0, gather_dim=1, group=group)
+        chunks = _overlap_chunks(q.shape[1], k.shape[1], sp)
+        if chunks > 1:
+            out = _PipelinedISPAttention.apply(q, k, v, attend, group, sp, chunks)
+        else:
+            q, k, v = (all_to_all(t, scatter_dim=1, gather_dim=0, group=group) for t in (q, k, v))
+            out = all_to_all(attend(q, k, v), scatter_dim=0, gather_dim=1, group=group)
     return out.reshape(*batch_shape, -1, *out.shape[1:]) if batch_shape else out
 
 
