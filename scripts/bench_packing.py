@@ -204,6 +204,15 @@ def measure(name, model, step, batches, warmup):
     return result
 
 
+def trainer_throughput(run_dir: str, warmup: int) -> dict:
+    """Real tokens/s of an `hfpatch train` run over its steps after ``warmup`` (metrics.jsonl)."""
+    records = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))][warmup:]
+    tokens, seconds = sum(r["tokens"] for r in records), sum(r["step_time_s"] for r in records)
+    return {"run": run_dir, "steps": len(records), "real_tokens": tokens, "seconds": seconds,
+            "real_tokens_per_s": tokens / seconds, "mfu": sum(r.get("mfu", 0) for r in records) / len(records),
+            "peak_mem_gib": max(r.get("peak_mem_gib", 0) for r in records)}
+
+
 def attention_flops(docs, layers, hidden):
     # causal: half of QK^T and PV, fwd (2 matmuls x 2 flops) + bwd (2.5x fwd)
     return sum(len(d) ** 2 for d in docs) * hidden * layers * 2 * 3.5
@@ -221,6 +230,8 @@ def main():
     parser.add_argument("--intermediate", type=int, default=5632)
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--contenders", default="hf_padfree,hf_padfree_liger,hfpatch_eager,hfpatch_liger,hfpatch")
+    parser.add_argument("--trainer-run", metavar="DIR", help="with --source trainer: an `hfpatch train` run dir on "
+                        "the same documents; its tokens/s after --warmup steps is compared with each contender")
     args = parser.parse_args()
     names = args.contenders.split(",")
     unknown = sorted(set(names) - set(CONTENDERS))
@@ -266,12 +277,18 @@ def main():
             for r in by_name.values():
                 r[f"speedup_vs_{peer}"] = r["real_tokens_per_s"] / by_name[peer]["real_tokens_per_s"]
                 r[f"loss_diff_vs_{peer}"] = abs(r["first_step_loss"] - by_name[peer]["first_step_loss"])
+    if args.trainer_run:
+        report_trainer = trainer_throughput(args.trainer_run, args.warmup)
+        for r in by_name.values():
+            r["trainer_fraction_of_bare"] = report_trainer["real_tokens_per_s"] / r["real_tokens_per_s"]
     probe = torch.empty(1, 1, args.hidden // args.heads, dtype=torch.bfloat16, device="cuda")
     report = {
         "card": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__,
         "attention_backend": runtime.resolve_backend(None, probe), "fused_loss": runtime.fused_loss_kernel(probe.device),
         "params": n_params, "config": vars(args), "results": results,
     }
+    if args.trainer_run:
+        report["trainer"] = report_trainer
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as handle:
         json.dump(report, handle, indent=2, default=str)

@@ -3,6 +3,7 @@
 # stages needing more GPUs than present run on what there is). Results: $RESULTS (default docs/bench).
 #   bash scripts/gpu_bench.sh max_length   # 7B max-length bisection (deadline $DEADLINE s, default 540)
 #   bash scripts/gpu_bench.sh suite        # kernel checks, attention, MFU, profiles, ISP vs CP, LLaVA/Flux runs
+#   bash scripts/gpu_bench.sh fast         # one GPU: env, checks, attention, packing vs the liger peer, trainer vs bare
 # Each stage has its own timeout ($STAGE_TIMEOUT s); a failed stage is reported and the next one runs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -31,5 +32,17 @@ case "${1:-}" in
     for model in llava flux; do
       stage python3 -m hfpatch.cli train "$model" --nproc "$SP" --sp "$SP" --steps 40 --out "$RESULTS/train_$model"
     done ;;
-  *) echo "usage: $0 max_length|suite" >&2; exit 2 ;;
+  fast)
+    python3 -m hfpatch.cli env > "$RESULTS/env.txt" 2>&1; cat "$RESULTS/env.txt"
+    stage python3 scripts/gpu_check.py --out "$RESULTS/gpu_check_1gpu.json"
+    stage python3 scripts/bench_attention.py --out "$RESULTS/attention.json"
+    stage python3 scripts/bench_packing.py --out "$RESULTS/packing.json"
+    # the trainer itself on the packing model and 16K-token packs, then the bare fwd+bwd on its documents
+    ARCH=(--set model.hidden_size=2048 --set model.intermediate_size=5632 --set model.num_hidden_layers=16
+          --set model.num_attention_heads=16 --set model.num_key_value_heads=16 --set model.vocab_size=32000)
+    stage python3 -m hfpatch.cli train llama2 --seq-len 16384 --micro-num 1 --steps 12 --set log_every=1 \
+      --out "$RESULTS/train_fast" "${ARCH[@]}"
+    stage python3 scripts/bench_packing.py --source trainer --tokens-per-step 16384 --steps 9 --warmup 3 \
+      --contenders hfpatch --trainer-run "$RESULTS/train_fast" --out "$RESULTS/trainer_vs_bare.json" ;;
+  *) echo "usage: $0 max_length|suite|fast" >&2; exit 2 ;;
 esac
