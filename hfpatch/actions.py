@@ -8,13 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hfpatch import engines, patching, upstream, zoo
+from hfpatch.errors import UserError
 from hfpatch.zoo import Entry
 
 PORT_DIR = "port"  # committed pristine source of a first-party port; synced beside it like upstream files
 HEADER_FIELD = re.compile(r"^([A-Za-z][\w-]*):\s*(.*)$")
 
 
-class ActionError(Exception):
+class ActionError(UserError):
     """A user-facing failure of a zoo action."""
 
 

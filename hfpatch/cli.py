@@ -8,11 +8,9 @@ from pathlib import Path
 
 import click
 
-from hfpatch import actions, drift as drift_, engines, patching, upstream, zoo
+from hfpatch import actions, drift as drift_, engines, zoo
+from hfpatch.errors import UserError
 from hfpatch.train.command import train
-
-USER_ERRORS = (actions.ActionError, zoo.ZooError, patching.PatchError, upstream.UpstreamError, engines.EngineError,
-               drift_.DriftError)
 
 
 class Group(click.Group):
@@ -21,7 +19,7 @@ class Group(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except USER_ERRORS as exc:
+        except UserError as exc:
             click.secho(f"error: {exc}", fg="red", err=True)
             sys.exit(1)
 
@@ -109,7 +107,7 @@ def check(model):
         try:
             for line in actions.check(entry, entries):
                 click.secho(f"ok    {line}", fg="green")
-        except USER_ERRORS as exc:
+        except UserError as exc:
             failures += 1
             click.secho(f"FAIL  {exc}", fg="red")
     skipped = [e.name for e in entries if not e.has_patch and not model]

@@ -10,13 +10,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from hfpatch import actions, engines, patching, upstream, zoo
+from hfpatch.errors import UserError
 from hfpatch.zoo import Entry
 
 VERSION_LINE = re.compile(r"Available versions:\s*(.*)")
 
 
-class DriftError(Exception):
-    pass
+class DriftError(UserError):
+    """Releases that cannot be listed, or a refresh that cannot be made."""
 
 
 @dataclass

@@ -17,11 +17,13 @@ from pathlib import Path, PurePosixPath
 
 import unidiff
 
+from hfpatch.errors import UserError
+
 HUNK_HEADER = re.compile(rb"^@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@")
 NO_NEWLINE_MARKER = "\\"
 
 
-class PatchError(Exception):
+class PatchError(UserError):
     """A patch that cannot be parsed or applied; the message is meant for users."""
 
 

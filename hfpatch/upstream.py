@@ -17,10 +17,12 @@ import sys
 import zipfile
 from pathlib import Path, PurePosixPath
 
+from hfpatch.errors import UserError
+
 RELATIVE_IMPORT = re.compile(r"^(\s*from\s+)(\.+)([\w.]*)(\s+import\b)", re.MULTILINE)
 
 
-class UpstreamError(Exception):
+class UpstreamError(UserError):
     """Upstream source missing, unreachable or not the pinned bytes."""
 
 

@@ -8,11 +8,13 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hfpatch.errors import UserError
+
 MANIFEST = "model.toml"
 PATCH_STATES = ("ready", "planned")
 
 
-class ZooError(Exception):
+class ZooError(UserError):
     """A manifest that does not validate, or a model name that resolves to nothing."""
 
 
