@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from hfpatch import engines, patching, upstream, zoo
+from hfpatch import engines, files, patching, upstream, zoo
 from hfpatch.errors import UserError
 from hfpatch.zoo import Entry
 
@@ -54,7 +54,7 @@ def pins(entry: Entry, entries: list[Entry] | None = None) -> dict[str, Pin]:
     prefix = f"{up.package}-"
     for path in sorted((zoo.zoo_root().parent / "patches" / owner.name).glob(f"{prefix}*.patch")):
         version = path.name[len(prefix):-len(".patch")]
-        pre_image = patch_header(path.read_text()).get("pre-image-sha256")
+        pre_image = patch_header(files.read_bytes(path).decode("utf-8")).get("pre-image-sha256")
         if not pre_image:
             raise ActionError(f"{path}: a versioned patch needs a Pre-Image-SHA256 header field")
         found[version] = Pin(version, path, {entry.patch_target: pre_image})
@@ -79,7 +79,7 @@ def patch_text(entry: Entry, engine: str = engines.DEFAULT_ENGINE, entries: list
         raise ActionError(f"{entry.name}: no patch yet ({entry.notes or 'planned'})")
     if not path.is_file():
         raise ActionError(f"{entry.name}: patch file {path} is missing")
-    return engines.render(path.read_text(), engine)
+    return engines.render(files.read_bytes(path).decode("utf-8"), engine)
 
 
 # --------------------------------------------------------------------------- sync
@@ -93,7 +93,7 @@ def pinned_bytes(entry: Entry, file_name: str, pin: Pin | None = None) -> bytes:
         path = entry.directory / PORT_DIR / file_name
         if not path.is_file():
             raise ActionError(f"{entry.name}: first-party port file {path} is missing")
-        data = path.read_bytes()
+        data = files.read_bytes(path)
     else:
         try:
             data = upstream.materialize(up.package, pin.version, f"{up.path}/{file_name}")
@@ -138,8 +138,14 @@ def file_state(entry: Entry, file_name: str, entries: list[Entry] | None = None)
     path = entry.directory / file_name
     if not path.is_file():
         return FileState(file_name, "missing", None)
-    data = path.read_bytes()
+    data = files.read_bytes(path)
     return FileState(file_name, classify(entry, file_name, data, entries), upstream.sha256_bytes(data))
+
+
+def status(entry: Entry, entries: list[Entry] | None = None) -> list[FileState]:
+    """The state of each of the entry's files; first removes what killed writes left in its dir."""
+    files.remove_stale_temps(entry.directory)
+    return [file_state(entry, file_name, entries) for file_name in entry.upstream.files]
 
 
 def sync(entry: Entry, force: bool = False, entries: list[Entry] | None = None) -> list[str]:
@@ -159,7 +165,7 @@ def sync(entry: Entry, force: bool = False, entries: list[Entry] | None = None) 
             )
         planned[file_name] = pinned_bytes(entry, file_name, pin)
     for file_name, data in planned.items():  # only after every file verified
-        patching.atomic_write(entry.directory / file_name, data)
+        files.atomic_write(entry.directory / file_name, data)
         messages.append(f"{entry.name}: {file_name} materialized from {pin_label(entry, pin)} (sha256 ok)")
     return messages
 
@@ -206,17 +212,19 @@ def _target_path(entry: Entry, target: Path | None, engine: str, entries: list[E
             sync(entry, entries=entries)
         target = entry.directory / entry.patch_target
     target = Path(target)
+    files.refuse_symlink(target)
     if not target.is_file():
         raise ActionError(f"{target}: no such file")
     pin = active_pin(entry, entries)
-    state = classify(entry, entry.patch_target, target.read_bytes(), entries, pin)
+    data = files.read_bytes(target)
+    state = classify(entry, entry.patch_target, data, entries, pin)
     wanted = "patched" if engine == engines.DEFAULT_ENGINE else f"patched ({engine})"
     if state.startswith("patched") and state != wanted:
         raise ActionError(f"{target} is already {state}; run `hfpatch revert {entry.name}` before applying engine {engine}")
     if state == "modified":
         raise ActionError(
             f"{target} is not the pinned upstream {entry.patch_target} "
-            f"({entry.upstream.package}=={pin.version}): sha256 {upstream.sha256_bytes(target.read_bytes())}, "
+            f"({entry.upstream.package}=={pin.version}): sha256 {upstream.sha256_bytes(data)}, "
             f"expected {pin.hashes.get(entry.patch_target)}"
         )
     return target
@@ -231,22 +239,27 @@ def apply(entry: Entry, target: Path | None = None, engine: str = engines.DEFAUL
 
 
 def revert(entry: Entry, target: Path | None = None, entries: list[Entry] | None = None) -> list[patching.FileResult]:
-    """Revert whichever engine flavour is applied; byte-exact back to the pin."""
+    """Revert whichever engine flavour is applied; byte-exact back to the pin unless the file had other edits."""
     if not entry.has_patch:
         raise ActionError(f"{entry.name}: no patch to revert")
     path = Path(target) if target else entry.directory / entry.patch_target
     if not path.is_file():
         raise ActionError(f"{path}: no such file (run `hfpatch sync {entry.name}` first)")
+    pin = active_pin(entry, entries)
     outcomes = []
     for engine in engines.ENGINE_IMPORTS:
-        text = patch_text(entry, engine, entries)
+        text = patch_text(entry, engine, entries, pin)
         try:
             planned = patching.apply_patch(text, target_file=path, reverse=True, dry_run=True)
         except patching.PatchError as exc:
             outcomes.append(exc)
             continue
         if planned[0].state == "reverted":
-            return patching.apply_patch(text, target_file=path, reverse=True)
+            results = patching.apply_patch(text, target_file=path, reverse=True)
+            if upstream.sha256_bytes(results[0].new_bytes) != pin.hashes.get(entry.patch_target):
+                results[0].note = (f"but the result does not match the pinned sha256 ({pin_label(entry, pin)}): "
+                                   "the file had other edits")
+            return results
         outcomes.append(planned)
     for outcome in outcomes:
         if not isinstance(outcome, Exception):
@@ -262,7 +275,7 @@ def diff(entry: Entry, entries: list[Entry] | None = None) -> str:
     if not path.is_file():
         raise ActionError(f"{path}: not materialized (run `hfpatch sync {entry.name}`)")
     pristine = pinned_bytes(entry, entry.patch_target, active_pin(entry, entries)).decode().splitlines(keepends=True)
-    current = path.read_text().splitlines(keepends=True)
+    current = files.read_bytes(path).decode(errors="replace").splitlines(keepends=True)
     return "".join(difflib.unified_diff(pristine, current, f"{entry.patch_target} (pin)", entry.patch_target))
 
 
@@ -280,7 +293,7 @@ def record_hashes(entry: Entry) -> list[str]:
         if count != 1:
             raise ActionError(f"{manifest}: cannot find the line for {file_name} under [upstream.files]")
         messages.append(f"{entry.name}: {file_name} sha256 {digest}")
-    patching.atomic_write(manifest, text.encode())
+    files.atomic_write(manifest, text.encode())
     return messages
 
 

@@ -149,9 +149,8 @@ def status(model):
     """State of each zoo file: missing, pristine, patched or modified."""
     entries = zoo.load_zoo()
     for entry in [zoo.resolve(model, entries)] if model else entries:
-        for file_name in entry.upstream.files:
-            state = actions.file_state(entry, file_name, entries)
-            click.echo(f"{entry.name:10s} {file_name:28s} {state.state}")
+        for state in actions.status(entry, entries):
+            click.echo(f"{entry.name:10s} {state.file_name:28s} {state.state}")
 
 
 @main.command()

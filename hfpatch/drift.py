@@ -9,7 +9,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from hfpatch import actions, engines, patching, upstream, zoo
+from hfpatch import actions, engines, files, patching, upstream, zoo
 from hfpatch.errors import UserError
 from hfpatch.zoo import Entry
 
@@ -162,6 +162,9 @@ def refresh(entry: Entry, version: str, force: bool = False, entries: list[Entry
         candidate = candidate.with_suffix(".patch.candidate")
     if candidate.exists() and not force:
         raise DriftError(f"{candidate} exists; review or remove it, or pass --force")
-    candidate.parent.mkdir(parents=True, exist_ok=True)
-    patching.atomic_write(candidate, text)
+    try:
+        candidate.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise files.os_error(exc, candidate.parent, "create") from None
+    files.atomic_write(candidate, text)
     return Refresh(candidate, conflicts, candidate if conflicts else None)

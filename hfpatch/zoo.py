@@ -8,6 +8,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hfpatch import files
 from hfpatch.errors import UserError
 
 MANIFEST = "model.toml"
@@ -74,8 +75,8 @@ def _require(table: dict, key: str, where: str):
 def load_entry(manifest_path: Path) -> Entry:
     where = str(manifest_path)
     try:
-        data = tomllib.loads(manifest_path.read_text())
-    except tomllib.TOMLDecodeError as exc:
+        data = tomllib.loads(files.read_bytes(manifest_path).decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ZooError(f"{where}: {exc}") from None
     known = {"name", "seed_name", "aliases", "family", "description", "model_class", "upstream", "patch", "capabilities",
              "checkpoint",
