@@ -104,12 +104,9 @@ def check(model):
     selected = [zoo.resolve(model, entries)] if model else [e for e in entries if e.has_patch]
     failures = 0
     for entry in selected:
-        try:
-            for line in actions.check(entry, entries):
-                click.secho(f"ok    {line}", fg="green")
-        except UserError as exc:
-            failures += 1
-            click.secho(f"FAIL  {exc}", fg="red")
+        for line in actions.check(entry, entries):
+            failures += not line.ok
+            click.secho(f"ok    {line.text}" if line.ok else f"FAIL  {line.text}", fg="green" if line.ok else "red")
     skipped = [e.name for e in entries if not e.has_patch and not model]
     if skipped:
         click.echo(f"no patch yet: {', '.join(skipped)}")
@@ -193,7 +190,11 @@ def drift(model, all_, versions, latest, major, as_json, strict):
 def refresh(model, version, force):
     """Rebase MODEL's patch onto another release by three-way merge; writes a candidate for review."""
     entries = zoo.load_zoo()
-    result = drift_.refresh(zoo.resolve(model, entries), version, force, entries)
+    model_entry = zoo.resolve(model, entries)
+    result = drift_.refresh(model_entry, version, force, entries)
+    if result.owner != model_entry.name:
+        click.echo(f"{model_entry.name} reuses {result.owner}'s patch: the rebased patch is {result.owner}'s, "
+                   f"shared by every entry that reuses it")
     if result.conflicts:
         click.secho(f"{result.conflicts} conflict(s): resolve the markers in {result.merged_file}", fg="yellow")
         raise SystemExit(1)

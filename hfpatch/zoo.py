@@ -150,12 +150,3 @@ def resolve(name: str, entries: list[Entry] | None = None) -> Entry:
     close = difflib.get_close_matches(wanted, candidates, n=3, cutoff=0.5)
     hint = f"; did you mean {' or '.join(close)}?" if close else f"; known models: {', '.join(e.name for e in entries)}"
     raise ZooError(f"unknown model {name!r}{hint}")
-
-
-def patch_file(entry: Entry, entries: list[Entry] | None = None) -> Path:
-    """The committed patch this entry applies (its own, or the entry it reuses)."""
-    if not entry.has_patch:
-        raise ZooError(f"{entry.name} has no patch yet ({entry.notes or 'planned'})")
-    if entry.patch_from:
-        return patch_file(resolve(entry.patch_from, entries), entries)
-    return entry.directory / "internevo.patch"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from hfpatch import actions, patching, zoo
+from hfpatch import actions, patching, pins, zoo
 from hfpatch.cli import main
 
 
@@ -95,6 +95,45 @@ def test_target_symlink_is_refused_like_gnu_patch(llama, pristine, tmp_path):
     assert listing(mine) == ["link.py", "real.py"]
 
 
+# --------------------------------------------------------------------------- A2: bad patch files
+
+BAD_PATCHES = {
+    "not UTF-8": (b"--- modeling_llama.py\n+++ modeling_llama.py\n@@ -1 +1 @@\n-\xff\xfe\n+x\n", "not UTF-8"),
+    "empty": (b"", "the patch is empty"),
+    "not a diff": (b"this is a README, not a diff\n", "holds no file diff"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_PATCHES)
+def test_a_bad_patch_file_shows_the_parsers_message(llama, pristine, case):
+    content, message = BAD_PATCHES[case]
+    patch = zoo_patch(llama)
+    good = patch.read_bytes()
+    patch.write_bytes(content)
+    assert_one_error_line(cli("apply", "llama2"), str(patch), message)
+    assert (llama.directory / llama.patch_target).read_bytes() == pristine
+    # status reads the patch to recognise a patched file
+    patch.write_bytes(good)
+    assert cli("apply", "llama2").exit_code == 0
+    patched = (llama.directory / llama.patch_target).read_bytes()
+    patch.write_bytes(content)
+    assert_one_error_line(cli("status", "llama2"), str(patch), message)
+    assert (llama.directory / llama.patch_target).read_bytes() == patched
+
+
+def test_a_bad_versioned_patch_file_is_one_line(llama):
+    legacy = zoo.zoo_root().parent / "patches" / "llama2" / "transformers-4.57.6.patch"
+    legacy.write_bytes(b"Pre-Image-SHA256: \xff\n")
+    assert_one_error_line(cli("apply", "llama2"), str(legacy), "not UTF-8")
+
+
+def test_a_second_patch_for_the_manifest_pin_is_one_line(llama):
+    """patches/llama2/transformers-5.17.0.patch would shadow internevo.patch; which one applies must not be a guess."""
+    second = pins.versioned_patch_path(llama, "5.17.0")
+    second.write_bytes(zoo_patch(llama).read_bytes())
+    assert_one_error_line(cli("apply", "llama2"), str(second), "second patch for the manifest pin", "remove one")
+
+
 # --------------------------------------------------------------------------- A3: OS errors
 
 
@@ -141,6 +180,67 @@ def test_unreadable_patch_file_is_one_line(llama, pristine, monkeypatch):
 
 
 # --------------------------------------------------------------------------- A4: smaller
+
+
+def _first_hunk(llama):
+    [file_patch] = patching.parse_patch(zoo_patch(llama).read_text())
+    return file_patch.hunks[0]
+
+
+def test_a_drifted_target_shows_the_failing_hunk(llama, pristine, tmp_path):
+    hunk = _first_hunk(llama)
+    lines = pristine.splitlines(keepends=True)
+    lines[hunk.source_start - 1] = b"# a local edit where hunk 1 applies\n"
+    mine = tmp_path / "modeling_llama.py"
+    mine.write_bytes(b"".join(lines))
+    result = cli("apply", "llama2", "--target", mine)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    [error] = error_lines(result)
+    assert result.output.startswith(error) and "not the pinned upstream" in error
+    assert f"hunk #1 {hunk.header} does not apply" in result.output
+    assert "# a local edit where hunk 1 applies" in result.output  # what the file has there
+    assert mine.read_bytes() == b"".join(lines)
+
+
+def test_a_crlf_target_says_crlf_and_how_to_convert(llama, pristine, tmp_path):
+    mine = tmp_path / "modeling_llama.py"
+    mine.write_bytes(pristine.replace(b"\n", b"\r\n"))
+    assert_one_error_line(cli("apply", "llama2", "--target", mine), "CRLF line endings", "convert")
+    assert mine.read_bytes() == pristine.replace(b"\n", b"\r\n")
+
+
+def test_an_edited_target_where_the_patch_still_applies_says_so(llama, pristine, tmp_path):
+    mine = tmp_path / "modeling_llama.py"
+    mine.write_bytes(pristine + b"# my edit\n")
+    assert_one_error_line(cli("apply", "llama2", "--target", mine), "other edits")
+
+
+def test_check_failures_name_the_model_and_the_pin(llama):
+    """llama2, yi and internlm1 share one patch: a broken hunk fails all three, each named with its pin."""
+    patch = zoo_patch(llama)
+    hunk = _first_hunk(llama)
+    text = patch.read_text()
+    body = text[text.index("\n--- "):]
+    context = next(line for line in body.split("\n") if line.startswith(" ") and line[1:].strip())
+    patch.write_text(text.replace(f"\n{context}\n", f"\n{context} # drifted\n", 1))
+    result = cli("check")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    failures = [line for line in result.output.splitlines() if line.startswith("FAIL")]
+    for model in ("llama2", "yi", "internlm1"):
+        assert any(line.startswith(f"FAIL  {model} @ transformers==5.17.0: ") for line in failures), result.output
+    assert all(line.split()[1] in ("llama2", "yi", "internlm1") for line in failures), result.output
+    assert f"hunk #{hunk.number}" in result.output
+    assert "ok    yi @ transformers==4.57.6" in result.output  # the legacy pin's own patch is fine
+
+
+def test_check_names_a_header_without_dep3_fields(llama):
+    patch = zoo_patch(llama)
+    text = patch.read_text()
+    origin = next(line for line in text.split("\n") if line.startswith("Origin:"))
+    patch.write_text(text.replace(origin, "Origin: somewhere"))
+    result = cli("check", "yi")
+    assert result.exit_code == 1
+    assert "FAIL  yi @ transformers==5.17.0: " in result.output and "Origin" in result.output
 
 
 def test_revert_says_when_the_result_is_not_the_pin(llama, pristine):
@@ -211,13 +311,19 @@ def test_temp_files_of_killed_writes_are_cleaned_by_the_next_write_or_status(lla
     assert _ours(directory, target) == [foreign.name]
 
 
+def test_refresh_to_the_manifest_pin_is_refused(zoo_copy):
+    """Its patch is internevo.patch; a candidate beside the other pins would never be read."""
+    assert_one_error_line(cli("refresh", "yi", "--to", "5.17.0"), "manifest pin", "internevo.patch")
+    assert listing(zoo_copy.parent / "patches" / "llama2") == ["transformers-4.57.6.patch"]
+
+
 def test_a_broken_cached_wheel_is_one_line(zoo_copy, tmp_path, monkeypatch):
     monkeypatch.setenv("HFPATCH_CACHE", str(tmp_path / "cache"))
     wheel = tmp_path / "cache" / "wheels" / "transformers-5.99.0-py3-none-any.whl"
     wheel.parent.mkdir(parents=True)
     wheel.write_bytes(b"<html>a proxy's error page, not a zip</html>")
     assert_one_error_line(cli("refresh", "llama2", "--to", "5.99.0"), str(wheel), "not a valid wheel", "delete it")
-    assert not (zoo_copy.parent / "patches" / "llama2" / "transformers-5.99.0.patch.candidate").exists()
+    assert not pins.candidate_path(zoo.resolve("llama2"), "5.99.0").exists()
 
 
 # --------------------------------------------------------------------------- one error base class

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 from click.testing import CliRunner
 
-from hfpatch import actions, engines, upstream, zoo
+from hfpatch import actions, engines, pins, upstream, zoo
 from hfpatch.cli import main
 
 SEED_DIRS = {
@@ -34,7 +34,7 @@ def test_list_json_has_all_ten_seed_models_with_their_real_state(zoo_copy):
         entry = zoo.resolve(row["model"])
         assert row["patch"].startswith("ready") == entry.has_patch
         if entry.has_patch:  # a row claiming varlen must have a patch file that applies
-            assert zoo.patch_file(entry).is_file()
+            assert pins.default_patch_path(entry).is_file()
     llama = next(r for r in rows if r["model"] == "llama2")
     assert llama["varlen"] and llama["isp"] and llama["upstream"] == "transformers==5.17.0"
 
@@ -70,7 +70,7 @@ def test_hfpatch_apply_equals_gnu_patch_for_every_zoo_patch(zoo_copy, tmp_path):
         pristine = actions.pinned_bytes(entry, entry.patch_target)
         gnu_file = tmp_path / f"{entry.name}_{entry.patch_target}"
         gnu_file.write_bytes(pristine)
-        done = subprocess.run(["patch", "--fuzz=0", "--batch", "-s", str(gnu_file), str(zoo.patch_file(entry))],
+        done = subprocess.run(["patch", "--fuzz=0", "--batch", "-s", str(gnu_file), str(pins.default_patch_path(entry))],
                               capture_output=True, text=True)
         assert done.returncode == 0, done.stdout + done.stderr
         run("sync", entry.name)
