@@ -7,78 +7,27 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from hfpatch import engines, patching, upstream, zoo
+from hfpatch import engines, files, patching, pins, upstream, zoo
+from hfpatch.errors import UserError
+from hfpatch.pins import Pin
 from hfpatch.zoo import Entry
 
 PORT_DIR = "port"  # committed pristine source of a first-party port; synced beside it like upstream files
-HEADER_FIELD = re.compile(r"^([A-Za-z][\w-]*):\s*(.*)$")
 
 
-class ActionError(Exception):
+class ActionError(UserError):
     """A user-facing failure of a zoo action."""
-
-
-# --------------------------------------------------------------------------- patch text
-
-
-def patch_header(text: str) -> dict[str, str]:
-    """DEP-3 style fields before the first ``--- `` line (GNU patch skips that text)."""
-    fields = {}
-    for line in text.split("\n"):
-        if line.startswith("--- "):
-            break
-        match = HEADER_FIELD.match(line)
-        if match:
-            fields[match.group(1).lower()] = match.group(2).strip()
-    return fields
-
-
-@dataclass(frozen=True)
-class Pin:
-    """One upstream release an entry supports: its patch and the sha256 its files must have."""
-
-    version: str | None
-    patch: Path | None
-    hashes: dict[str, str]
-
-
-def pins(entry: Entry, entries: list[Entry] | None = None) -> dict[str, Pin]:
-    """The manifest pin, plus every ``patches/<entry>/<package>-<version>.patch`` (legacy/other pins)."""
-    up = entry.upstream
-    default = Pin(up.version, zoo.patch_file(entry, entries) if entry.has_patch else None, dict(up.files))
-    found = {up.version: default}
-    if not entry.has_patch or up.kind != "package":
-        return found
-    owner = zoo.resolve(entry.patch_from, entries) if entry.patch_from else entry
-    prefix = f"{up.package}-"
-    for path in sorted((zoo.zoo_root().parent / "patches" / owner.name).glob(f"{prefix}*.patch")):
-        version = path.name[len(prefix):-len(".patch")]
-        pre_image = patch_header(path.read_text()).get("pre-image-sha256")
-        if not pre_image:
-            raise ActionError(f"{path}: a versioned patch needs a Pre-Image-SHA256 header field")
-        found[version] = Pin(version, path, {entry.patch_target: pre_image})
-    return found
-
-
-def pin_label(entry: Entry, pin: Pin) -> str:
-    return f"{entry.upstream.package}=={pin.version}" if entry.upstream.kind == "package" else "the first-party port"
-
-
-def active_pin(entry: Entry, entries: list[Entry] | None = None) -> Pin:
-    """The pin matching the installed package when the entry has a patch for it, else the manifest pin."""
-    available = pins(entry, entries)
-    installed = upstream.installed_version(entry.upstream.package) if entry.upstream.kind == "package" else None
-    return available.get(installed, available[entry.upstream.version])
 
 
 def patch_text(entry: Entry, engine: str = engines.DEFAULT_ENGINE, entries: list[Entry] | None = None,
                pin: Pin | None = None) -> str:
-    path = (pin or active_pin(entry, entries)).patch
+    """The patch of ``pin`` (default: the active one) rendered for ``engine``."""
+    path = (pin or pins.active_pin(entry, entries)).patch
     if path is None:
         raise ActionError(f"{entry.name}: no patch yet ({entry.notes or 'planned'})")
     if not path.is_file():
         raise ActionError(f"{entry.name}: patch file {path} is missing")
-    return engines.render(path.read_text(), engine)
+    return engines.render(pins.read_patch(path), engine)
 
 
 # --------------------------------------------------------------------------- sync
@@ -87,12 +36,12 @@ def patch_text(entry: Entry, engine: str = engines.DEFAULT_ENGINE, entries: list
 def pinned_bytes(entry: Entry, file_name: str, pin: Pin | None = None) -> bytes:
     """The materialized upstream file at ``pin`` (default: the manifest pin), sha256-verified."""
     up = entry.upstream
-    pin = pin or pins(entry)[up.version]
+    pin = pin or pins.manifest_pin(entry)
     if up.kind == "port":
         path = entry.directory / PORT_DIR / file_name
         if not path.is_file():
             raise ActionError(f"{entry.name}: first-party port file {path} is missing")
-        data = path.read_bytes()
+        data = files.read_bytes(path)
     else:
         try:
             data = upstream.materialize(up.package, pin.version, f"{up.path}/{file_name}")
@@ -118,7 +67,7 @@ class FileState:
 def classify(entry: Entry, file_name: str, data: bytes, entries: list[Entry] | None = None,
              pin: Pin | None = None) -> str:
     """pristine | patched | patched (<engine>) | modified: what these bytes are relative to the pin."""
-    pin = pin or active_pin(entry, entries)
+    pin = pin or pins.active_pin(entry, entries)
     if upstream.sha256_bytes(data) == pin.hashes.get(file_name):
         return "pristine"
     if entry.has_patch and file_name == entry.patch_target:
@@ -137,13 +86,19 @@ def file_state(entry: Entry, file_name: str, entries: list[Entry] | None = None)
     path = entry.directory / file_name
     if not path.is_file():
         return FileState(file_name, "missing", None)
-    data = path.read_bytes()
+    data = files.read_bytes(path)
     return FileState(file_name, classify(entry, file_name, data, entries), upstream.sha256_bytes(data))
+
+
+def status(entry: Entry, entries: list[Entry] | None = None) -> list[FileState]:
+    """The state of each of the entry's files; first removes what killed writes left in its dir."""
+    files.remove_stale_temps(entry.directory)
+    return [file_state(entry, file_name, entries) for file_name in entry.upstream.files]
 
 
 def sync(entry: Entry, force: bool = False, entries: list[Entry] | None = None) -> list[str]:
     """Write the pinned upstream files into the zoo dir; keep patched files, refuse local edits."""
-    pin = active_pin(entry, entries)
+    pin = pins.active_pin(entry, entries)
     planned = {}
     messages = []
     for file_name in pin.hashes:
@@ -158,44 +113,77 @@ def sync(entry: Entry, force: bool = False, entries: list[Entry] | None = None) 
             )
         planned[file_name] = pinned_bytes(entry, file_name, pin)
     for file_name, data in planned.items():  # only after every file verified
-        patching.atomic_write(entry.directory / file_name, data)
-        messages.append(f"{entry.name}: {file_name} materialized from {pin_label(entry, pin)} (sha256 ok)")
+        files.atomic_write(entry.directory / file_name, data)
+        messages.append(f"{entry.name}: {file_name} materialized from {pins.pin_label(entry, pin)} (sha256 ok)")
     return messages
 
 
 # --------------------------------------------------------------------------- check / apply / revert
 
 
-def check(entry: Entry, entries: list[Entry] | None = None) -> list[str]:
-    """Dry-run every pin's patch (every engine) against freshly materialized bytes; raise on failure."""
+@dataclass
+class CheckLine:
+    ok: bool
+    text: str  # starts with "<model> @ <pin>: "
+
+
+def check(entry: Entry, entries: list[Entry] | None = None) -> list[CheckLine]:
+    """Dry-run every pin's patch (every engine) against freshly materialized bytes.
+
+    Each line names the model and the pin: llama2, yi and internlm1 share one patch.
+    """
     if not entry.has_patch:
         raise ActionError(f"{entry.name}: no patch to check")
-    return [line for pin in pins(entry, entries).values() for line in _check_pin(entry, pin, entries)]
+    try:
+        available = pins.supported(entry, entries)
+    except UserError as exc:
+        return [CheckLine(False, f"{entry.name}: {exc}")]
+    lines = []
+    for pin in available.values():
+        label = f"{entry.name} @ {pins.pin_label(entry, pin)}"
+        try:
+            lines += [CheckLine(True, f"{label}: {text}") for text in _check_pin(entry, pin, entries)]
+        except UserError as exc:  # pinned_bytes names the model itself; the label already does
+            lines.append(CheckLine(False, f"{label}: {str(exc).removeprefix(f'{entry.name}: ')}"))
+    return lines
 
 
 def _check_pin(entry: Entry, pin: Pin, entries: list[Entry] | None) -> list[str]:
     target = entry.patch_target
+    header = pins.read_header(pins.read_patch(pin.patch))
+    problems = pins.header_problems(header)
+    if problems:
+        raise ActionError(f"{pin.patch}: DEP-3 header: {'; '.join(problems)}")
     pristine = pinned_bytes(entry, target, pin)
-    header = patch_header(pin.patch.read_text())
     if header.get("pre-image-sha256") and header["pre-image-sha256"] != upstream.sha256_bytes(pristine):
-        raise ActionError(f"{entry.name}: the patch was made for a {target} with sha256 "
-                          f"{header['pre-image-sha256']}, the pin materializes {upstream.sha256_bytes(pristine)}")
+        raise ActionError(f"the patch was made for a {target} with sha256 {header['pre-image-sha256']}, "
+                          f"the pin materializes {upstream.sha256_bytes(pristine)}")
     lines = []
     for engine in engines.ENGINE_IMPORTS:
         [file_patch] = patching.parse_patch(patch_text(entry, engine, entries, pin))
         result = patching.plan_file(target, pristine, file_patch)
         if result.state != "applied":
-            raise ActionError(f"{entry.name}: patch ({engine}) does not apply to the pinned {target}: {result.state}")
+            raise ActionError(f"patch ({engine}) does not apply to the pinned {target}: {result.state}")
         if engine == engines.DEFAULT_ENGINE and header.get("post-image-sha256"):
             if upstream.sha256_bytes(result.new_bytes) != header["post-image-sha256"]:
-                raise ActionError(f"{entry.name}: applying gives a {target} whose sha256 differs from the patch's Post-Image-SHA256")
+                raise ActionError(f"applying gives a {target} whose sha256 differs from the patch's Post-Image-SHA256")
         try:
             compile(result.new_bytes, f"{entry.name}/{target} ({engine})", "exec")
         except SyntaxError as exc:
-            raise ActionError(f"{entry.name}: patched {target} ({engine}) does not compile: {exc}") from None
+            raise ActionError(f"patched {target} ({engine}) does not compile: {exc}") from None
         offsets = f", offsets {result.offsets}" if result.offsets else ""
-        lines.append(f"{entry.name}: {target} patch ({engine}) applies cleanly to {pin_label(entry, pin)}{offsets}")
+        lines.append(f"{target} patch ({engine}) applies cleanly{offsets}")
     return lines
+
+
+def _why_not_pristine(entry: Entry, data: bytes, engine: str, entries: list[Entry] | None, pin: Pin) -> str:
+    """The failing hunk, the CRLF line endings, or the other edits that make ``data`` not the pin."""
+    [file_patch] = patching.parse_patch(patch_text(entry, engine, entries, pin))
+    try:
+        patching.plan_file(entry.patch_target, data, file_patch)
+    except patching.PatchError as exc:
+        return str(exc).removeprefix(f"{entry.patch_target}: ")
+    return "the patch would apply, but the file has other edits; start from an unedited copy of the pinned file"
 
 
 def _target_path(entry: Entry, target: Path | None, engine: str, entries: list[Entry] | None) -> Path:
@@ -205,18 +193,20 @@ def _target_path(entry: Entry, target: Path | None, engine: str, entries: list[E
             sync(entry, entries=entries)
         target = entry.directory / entry.patch_target
     target = Path(target)
+    files.refuse_symlink(target)
     if not target.is_file():
         raise ActionError(f"{target}: no such file")
-    pin = active_pin(entry, entries)
-    state = classify(entry, entry.patch_target, target.read_bytes(), entries, pin)
+    pin = pins.active_pin(entry, entries)
+    data = files.read_bytes(target)
+    state = classify(entry, entry.patch_target, data, entries, pin)
     wanted = "patched" if engine == engines.DEFAULT_ENGINE else f"patched ({engine})"
     if state.startswith("patched") and state != wanted:
         raise ActionError(f"{target} is already {state}; run `hfpatch revert {entry.name}` before applying engine {engine}")
     if state == "modified":
         raise ActionError(
-            f"{target} is not the pinned upstream {entry.patch_target} "
-            f"({entry.upstream.package}=={pin.version}): sha256 {upstream.sha256_bytes(target.read_bytes())}, "
-            f"expected {pin.hashes.get(entry.patch_target)}"
+            f"{target} is not the pinned upstream {entry.patch_target} of {pins.pin_label(entry, pin)} "
+            f"(sha256 {upstream.sha256_bytes(data)}, expected {pin.hashes.get(entry.patch_target)}): "
+            + _why_not_pristine(entry, data, engine, entries, pin)
         )
     return target
 
@@ -230,22 +220,27 @@ def apply(entry: Entry, target: Path | None = None, engine: str = engines.DEFAUL
 
 
 def revert(entry: Entry, target: Path | None = None, entries: list[Entry] | None = None) -> list[patching.FileResult]:
-    """Revert whichever engine flavour is applied; byte-exact back to the pin."""
+    """Revert whichever engine flavour is applied; byte-exact back to the pin unless the file had other edits."""
     if not entry.has_patch:
         raise ActionError(f"{entry.name}: no patch to revert")
     path = Path(target) if target else entry.directory / entry.patch_target
     if not path.is_file():
         raise ActionError(f"{path}: no such file (run `hfpatch sync {entry.name}` first)")
+    pin = pins.active_pin(entry, entries)
     outcomes = []
     for engine in engines.ENGINE_IMPORTS:
-        text = patch_text(entry, engine, entries)
+        text = patch_text(entry, engine, entries, pin)
         try:
             planned = patching.apply_patch(text, target_file=path, reverse=True, dry_run=True)
         except patching.PatchError as exc:
             outcomes.append(exc)
             continue
         if planned[0].state == "reverted":
-            return patching.apply_patch(text, target_file=path, reverse=True)
+            results = patching.apply_patch(text, target_file=path, reverse=True)
+            if upstream.sha256_bytes(results[0].new_bytes) != pin.hashes.get(entry.patch_target):
+                results[0].note = (f"but the result does not match the pinned sha256 ({pins.pin_label(entry, pin)}): "
+                                   "the file had other edits")
+            return results
         outcomes.append(planned)
     for outcome in outcomes:
         if not isinstance(outcome, Exception):
@@ -260,8 +255,8 @@ def diff(entry: Entry, entries: list[Entry] | None = None) -> str:
     path = entry.directory / entry.patch_target
     if not path.is_file():
         raise ActionError(f"{path}: not materialized (run `hfpatch sync {entry.name}`)")
-    pristine = pinned_bytes(entry, entry.patch_target, active_pin(entry, entries)).decode().splitlines(keepends=True)
-    current = path.read_text().splitlines(keepends=True)
+    pristine = pinned_bytes(entry, entry.patch_target, pins.active_pin(entry, entries)).decode().splitlines(keepends=True)
+    current = files.read_bytes(path).decode(errors="replace").splitlines(keepends=True)
     return "".join(difflib.unified_diff(pristine, current, f"{entry.patch_target} (pin)", entry.patch_target))
 
 
@@ -279,7 +274,7 @@ def record_hashes(entry: Entry) -> list[str]:
         if count != 1:
             raise ActionError(f"{manifest}: cannot find the line for {file_name} under [upstream.files]")
         messages.append(f"{entry.name}: {file_name} sha256 {digest}")
-    patching.atomic_write(manifest, text.encode())
+    files.atomic_write(manifest, text.encode())
     return messages
 
 

@@ -8,11 +8,9 @@ from pathlib import Path
 
 import click
 
-from hfpatch import actions, drift as drift_, engines, patching, upstream, zoo
+from hfpatch import actions, drift as drift_, engines, zoo
+from hfpatch.errors import UserError
 from hfpatch.train.command import train
-
-USER_ERRORS = (actions.ActionError, zoo.ZooError, patching.PatchError, upstream.UpstreamError, engines.EngineError,
-               drift_.DriftError)
 
 
 class Group(click.Group):
@@ -21,7 +19,7 @@ class Group(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except USER_ERRORS as exc:
+        except UserError as exc:
             click.secho(f"error: {exc}", fg="red", err=True)
             sys.exit(1)
 
@@ -106,12 +104,9 @@ def check(model):
     selected = [zoo.resolve(model, entries)] if model else [e for e in entries if e.has_patch]
     failures = 0
     for entry in selected:
-        try:
-            for line in actions.check(entry, entries):
-                click.secho(f"ok    {line}", fg="green")
-        except USER_ERRORS as exc:
-            failures += 1
-            click.secho(f"FAIL  {exc}", fg="red")
+        for line in actions.check(entry, entries):
+            failures += not line.ok
+            click.secho(f"ok    {line.text}" if line.ok else f"FAIL  {line.text}", fg="green" if line.ok else "red")
     skipped = [e.name for e in entries if not e.has_patch and not model]
     if skipped:
         click.echo(f"no patch yet: {', '.join(skipped)}")
@@ -151,9 +146,8 @@ def status(model):
     """State of each zoo file: missing, pristine, patched or modified."""
     entries = zoo.load_zoo()
     for entry in [zoo.resolve(model, entries)] if model else entries:
-        for file_name in entry.upstream.files:
-            state = actions.file_state(entry, file_name, entries)
-            click.echo(f"{entry.name:10s} {file_name:28s} {state.state}")
+        for state in actions.status(entry, entries):
+            click.echo(f"{entry.name:10s} {state.file_name:28s} {state.state}")
 
 
 @main.command()
@@ -196,7 +190,11 @@ def drift(model, all_, versions, latest, major, as_json, strict):
 def refresh(model, version, force):
     """Rebase MODEL's patch onto another release by three-way merge; writes a candidate for review."""
     entries = zoo.load_zoo()
-    result = drift_.refresh(zoo.resolve(model, entries), version, force, entries)
+    model_entry = zoo.resolve(model, entries)
+    result = drift_.refresh(model_entry, version, force, entries)
+    if result.owner != model_entry.name:
+        click.echo(f"{model_entry.name} reuses {result.owner}'s patch: the rebased patch is {result.owner}'s, "
+                   f"shared by every entry that reuses it")
     if result.conflicts:
         click.secho(f"{result.conflicts} conflict(s): resolve the markers in {result.merged_file}", fg="yellow")
         raise SystemExit(1)

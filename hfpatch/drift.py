@@ -9,14 +9,15 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from hfpatch import actions, engines, patching, upstream, zoo
+from hfpatch import actions, engines, files, patching, pins, upstream
+from hfpatch.errors import UserError
 from hfpatch.zoo import Entry
 
 VERSION_LINE = re.compile(r"Available versions:\s*(.*)")
 
 
-class DriftError(Exception):
-    pass
+class DriftError(UserError):
+    """Releases that cannot be listed, or a refresh that cannot be made."""
 
 
 @dataclass
@@ -62,7 +63,7 @@ def check_version(entry: Entry, version: str, entries: list[Entry] | None = None
         result.state = "missing" if "has no file" in str(exc) else "error"
         result.detail = str(exc)
         return result
-    pin = actions.pins(entry, entries)[up.version]
+    pin = pins.manifest_pin(entry, entries)
     if data == actions.pinned_bytes(entry, entry.patch_target, pin):
         result.state, result.detail = "identical", "same bytes as the pin"
         return result
@@ -104,13 +105,10 @@ class Refresh:
     candidate: Path
     conflicts: int
     merged_file: Path | None  # the merged upstream file with conflict markers, when conflicts > 0
+    owner: str  # the entry whose patch was rebased: the entry itself, or the one whose patch it reuses
 
 
-def versioned_patch_path(entry: Entry, version: str) -> Path:
-    return zoo.zoo_root().parent / "patches" / entry.name / f"{entry.upstream.package}-{version}.patch"
-
-
-def make_patch_text(file_name: str, before: bytes, after: bytes, description: str, pin: str) -> str:
+def make_patch_text(file_name: str, before: bytes, after: bytes, description: str, origin: str, pin: str) -> str:
     """A zoo-style patch (DEP-3 header + ``diff -u`` body) from two versions of one file."""
     with tempfile.TemporaryDirectory() as tmp:
         a, b = Path(tmp) / "a", Path(tmp) / "b"
@@ -120,22 +118,22 @@ def make_patch_text(file_name: str, before: bytes, after: bytes, description: st
     if done.returncode not in (0, 1):
         raise DriftError(f"diff failed: {done.stderr.decode(errors='replace')}")
     body = done.stdout.decode().split("\n", 2)[2]
-    return (
-        f"Description: {description}\n"
-        f"Origin: hfpatch refresh\n"
-        f"Pin: {pin}\n"
-        f"Pre-Image-SHA256: {upstream.sha256_bytes(before)}\n"
-        f"Post-Image-SHA256: {upstream.sha256_bytes(after)}\n\n"
-        f"--- {file_name}\n+++ {file_name}\n{body}"
-    )
+    header = pins.render_header(pins.new_header(description, origin, pin, before, after))
+    return f"{header}--- {file_name}\n+++ {file_name}\n{body}"
 
 
 def refresh(entry: Entry, version: str, force: bool = False, entries: list[Entry] | None = None) -> Refresh:
-    """Three-way merge (pin upstream, patched pin, new upstream) into a candidate patch for ``version``."""
+    """Three-way merge (pin upstream, patched pin, new upstream) into a candidate patch for ``version``.
+
+    The candidate is written where the pin store reads the patch for ``version`` once ``.candidate``
+    is dropped: beside the owner's other pins, shared by every entry that reuses the patch.
+    """
     if not entry.has_patch or entry.upstream.kind != "package":
         raise DriftError(f"{entry.name}: only package entries with a patch can be refreshed")
     up = entry.upstream
-    pin = actions.pins(entry, entries)[up.version]
+    if version == up.version:
+        raise DriftError(f"{version} is {entry.name}'s manifest pin; its patch is {pins.default_patch_path(entry, entries)}")
+    pin = pins.manifest_pin(entry, entries)
     base = actions.pinned_bytes(entry, entry.patch_target, pin)
     [file_patch] = patching.parse_patch(actions.patch_text(entry, engines.DEFAULT_ENGINE, entries, pin))
     ours = patching.plan_file(entry.patch_target, base, file_patch).new_bytes
@@ -150,17 +148,22 @@ def refresh(entry: Entry, version: str, force: bool = False, entries: list[Entry
     if done.returncode < 0 or done.returncode > 127:
         raise DriftError(f"git merge-file failed: {done.stderr.decode(errors='replace')}")
     merged, conflicts = done.stdout, done.returncode
-    candidate = versioned_patch_path(entry, version)
+    owner = pins.patch_owner(entry, entries)
     if conflicts:
-        candidate = candidate.with_suffix(".conflicts.py")
+        candidate = pins.conflicts_path(entry, version, entries)
         text = merged
     else:
-        text = make_patch_text(entry.patch_target, theirs, merged,
-                               f"{entry.name} InternEvo patch rebased onto {up.package} {version} (review before use)",
-                               f"{up.package}=={version} {up.package}/{up.path}/{entry.patch_target} (imports made absolute)").encode()
-        candidate = candidate.with_suffix(".patch.candidate")
+        candidate = pins.candidate_path(entry, version, entries)
+        text = make_patch_text(
+            entry.patch_target, theirs, merged,
+            f"{owner.name} InternEvo patch rebased onto {up.package} {version} (review before use)",
+            f"hfpatch refresh of {owner.name}'s {up.package} {up.version} patch",
+            f"{up.package}=={version} {up.package}/{up.path}/{entry.patch_target} (imports made absolute)").encode()
     if candidate.exists() and not force:
         raise DriftError(f"{candidate} exists; review or remove it, or pass --force")
-    candidate.parent.mkdir(parents=True, exist_ok=True)
-    patching.atomic_write(candidate, text)
-    return Refresh(candidate, conflicts, candidate if conflicts else None)
+    try:
+        candidate.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise files.os_error(exc, candidate.parent, "create") from None
+    files.atomic_write(candidate, text)
+    return Refresh(candidate, conflicts, candidate if conflicts else None, owner.name)

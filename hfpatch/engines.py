@@ -8,6 +8,8 @@ are unchanged by rendering.
 
 from __future__ import annotations
 
+from hfpatch.errors import UserError
+
 ENGINE_IMPORTS = {
     "hfpatch": [
         "from hfpatch.runtime import ParallelMode",
@@ -25,8 +27,8 @@ ENGINE_IMPORTS = {
 DEFAULT_ENGINE = "hfpatch"
 
 
-class EngineError(Exception):
-    pass
+class EngineError(UserError):
+    """An unknown engine, or a patch that cannot be rendered for one."""
 
 
 def render(patch_text: str, engine: str) -> str:

@@ -6,7 +6,7 @@ import importlib.util
 import sys
 from types import ModuleType
 
-from hfpatch import actions, upstream, zoo
+from hfpatch import actions, pins, upstream, zoo
 from hfpatch.zoo import Entry
 
 def ensure_patched(entry: Entry, entries: list[Entry] | None = None) -> None:
@@ -25,7 +25,7 @@ def check_installed_pin(entry: Entry, entries: list[Entry] | None = None) -> Non
     if up.kind != "package":
         return
     installed = upstream.installed_version(up.package)
-    supported = actions.pins(entry, entries)
+    supported = pins.supported(entry, entries)
     if installed not in supported:
         raise zoo.ZooError(f"{entry.name}: installed {up.package} {installed} has no patch; "
                            f"supported releases: {', '.join(sorted(supported))}")

@@ -9,19 +9,20 @@ checked before any file is written, so a failure leaves all targets untouched.
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import unidiff
 
+from hfpatch import files
+from hfpatch.errors import UserError
+
 HUNK_HEADER = re.compile(rb"^@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@")
 NO_NEWLINE_MARKER = "\\"
 
 
-class PatchError(Exception):
+class PatchError(UserError):
     """A patch that cannot be parsed or applied; the message is meant for users."""
 
 
@@ -50,6 +51,8 @@ class FileResult:
     state: str  # "applied" | "already-applied" | "reverted" | "not-applied"
     offsets: dict[int, int] = field(default_factory=dict)  # hunk number -> offset in lines
     new_bytes: bytes | None = None  # content to write, None when nothing changes
+    dry_run: bool = False  # planned only: nothing was written
+    note: str = ""  # said after the state, e.g. that a reverted file is still not the pin
 
     @property
     def changed(self) -> bool:
@@ -57,14 +60,15 @@ class FileResult:
 
     def describe(self) -> str:
         words = {
-            "applied": "patched",
-            "reverted": "reverted",
+            "applied": "would patch" if self.dry_run else "patched",
+            "reverted": "would revert" if self.dry_run else "reverted",
             "already-applied": "already patched (the patch is applied; nothing to do)",
             "not-applied": "not patched (nothing to revert)",
         }[self.state]
-        text = f"{self.path}: {words}"
+        text = f"{self.path}: {words}" + (f", {self.note}" if self.note else "")
+        applied = "would apply" if self.dry_run else "applied"
         for number, offset in sorted(self.offsets.items()):
-            text += f"\n  hunk #{number} applied at offset {offset:+d} lines"
+            text += f"\n  hunk #{number} {applied} at offset {offset:+d} lines"
         return text
 
 
@@ -249,7 +253,8 @@ def _apply_hunks(path: str, original: bytes, hunks: list[Hunk]) -> tuple[bytes, 
 def plan_file(path: str, original: bytes, file_patch: FilePatch, reverse: bool = False) -> FileResult:
     """Decide what applying (or reverting) ``file_patch`` to ``original`` does, without writing."""
     if b"\r\n" in original:
-        raise PatchError(f"{path}: the file has CRLF line endings and the patch has LF; convert the file first")
+        raise PatchError(f"{path}: the file has CRLF line endings and the patch LF; convert the file to LF first "
+                         f"(dos2unix, or sed -i 's/\\r$//' FILE)")
     if not original:
         raise PatchError(f"{path}: the file is empty; it is not the file this patch was made for")
     forward = [h.reversed() for h in file_patch.hunks] if reverse else file_patch.hunks
@@ -267,30 +272,11 @@ def plan_file(path: str, original: bytes, file_patch: FilePatch, reverse: bool =
         return FileResult(path, "not-applied" if reverse else "already-applied")
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same directory + rename: readers see old or new bytes, never half."""
-    path = Path(path)
-    mode = path.stat().st_mode & 0o7777 if path.exists() else 0o644
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _resolve_inside(directory: Path, relative: str) -> Path:
-    directory = directory.resolve()
-    target = (directory / relative).resolve()
-    if directory not in target.parents:
-        raise PatchError(f"patch touches {relative!r}, which resolves outside {directory}; refusing")
-    return target
+def _inside(directory: Path, relative: str) -> Path:
+    """``directory / relative``, refused when it resolves outside ``directory``."""
+    if directory.resolve() not in (directory / relative).resolve().parents:
+        raise PatchError(f"patch touches {relative!r}, which resolves outside {directory.resolve()}; refusing")
+    return directory / relative
 
 
 def apply_patch(
@@ -315,14 +301,17 @@ def apply_patch(
     else:
         if directory is None:
             raise ValueError("apply_patch needs a directory or a target_file")
-        targets = [_resolve_inside(Path(directory), fp.path) for fp in file_patches]
+        targets = [_inside(Path(directory), fp.path) for fp in file_patches]
     results = []
     for target, file_patch in zip(targets, file_patches):
+        files.refuse_symlink(target)
         if not target.is_file():
             raise PatchError(f"{target}: no such file to patch")
-        results.append(plan_file(str(target), target.read_bytes(), file_patch, reverse=reverse))
+        result = plan_file(str(target), files.read_bytes(target), file_patch, reverse=reverse)
+        result.dry_run = dry_run
+        results.append(result)
     if not dry_run:
         for target, result in zip(targets, results):
             if result.changed:
-                atomic_write(target, result.new_bytes)
+                files.atomic_write(target, result.new_bytes)
     return results

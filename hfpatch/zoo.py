@@ -8,11 +8,14 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hfpatch import files
+from hfpatch.errors import UserError
+
 MANIFEST = "model.toml"
 PATCH_STATES = ("ready", "planned")
 
 
-class ZooError(Exception):
+class ZooError(UserError):
     """A manifest that does not validate, or a model name that resolves to nothing."""
 
 
@@ -72,8 +75,8 @@ def _require(table: dict, key: str, where: str):
 def load_entry(manifest_path: Path) -> Entry:
     where = str(manifest_path)
     try:
-        data = tomllib.loads(manifest_path.read_text())
-    except tomllib.TOMLDecodeError as exc:
+        data = tomllib.loads(files.read_bytes(manifest_path).decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ZooError(f"{where}: {exc}") from None
     known = {"name", "seed_name", "aliases", "family", "description", "model_class", "upstream", "patch", "capabilities",
              "checkpoint",
@@ -147,12 +150,3 @@ def resolve(name: str, entries: list[Entry] | None = None) -> Entry:
     close = difflib.get_close_matches(wanted, candidates, n=3, cutoff=0.5)
     hint = f"; did you mean {' or '.join(close)}?" if close else f"; known models: {', '.join(e.name for e in entries)}"
     raise ZooError(f"unknown model {name!r}{hint}")
-
-
-def patch_file(entry: Entry, entries: list[Entry] | None = None) -> Path:
-    """The committed patch this entry applies (its own, or the entry it reuses)."""
-    if not entry.has_patch:
-        raise ZooError(f"{entry.name} has no patch yet ({entry.notes or 'planned'})")
-    if entry.patch_from:
-        return patch_file(resolve(entry.patch_from, entries), entries)
-    return entry.directory / "internevo.patch"

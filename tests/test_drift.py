@@ -3,13 +3,14 @@
 import importlib.util
 import subprocess
 import sys
+from datetime import date
 
 import pytest
 import torch
 import transformers
 from click.testing import CliRunner
 
-from hfpatch import actions, drift, runtime, upstream, zoo
+from hfpatch import actions, drift, pins, runtime, upstream, zoo
 from hfpatch.cli import main
 from llama_cases import DOC_LENGTHS, documents, tiny_config
 
@@ -69,6 +70,25 @@ def test_refresh_rebases_onto_a_real_upstream_change_and_the_result_is_equivalen
     assert packed.shape[0] == sum(DOC_LENGTHS)
 
 
+def test_refresh_of_an_entry_that_reuses_a_patch_writes_the_pin_its_pins_read(zoo_copy):
+    """yi reuses llama2's patch: its refresh candidate, once promoted, is the 5.18.0 pin of all three entries."""
+    yi = zoo.resolve("yi")
+    result = CliRunner().invoke(main, ["refresh", "yi", "--to", "5.18.0"])
+    assert result.exit_code == 0, result.output
+    candidate = pins.candidate_path(yi, "5.18.0")
+    assert str(candidate) in result.output and "reuses llama2's patch" in result.output
+    header = pins.read_header(candidate.read_text())
+    assert pins.header_problems(header) == [] and header["origin"].startswith("vendor, hfpatch refresh")
+    assert header["last-update"] == date.today().isoformat()
+    promoted = candidate.with_name(candidate.name.removesuffix(pins.CANDIDATE_SUFFIX))
+    candidate.rename(promoted)
+    for name in ("yi", "llama2", "internlm1"):
+        assert pins.supported(zoo.resolve(name))["5.18.0"].patch == promoted
+    check = CliRunner().invoke(main, ["check", "yi"])
+    assert check.exit_code == 0, check.output
+    assert "ok    yi @ transformers==5.18.0: modeling_llama.py patch (internevo) applies cleanly" in check.output
+
+
 def test_refresh_reports_conflicts_without_writing_a_patch(zoo_copy):
     result = CliRunner().invoke(main, ["refresh", "llama2", "--to", "5.24.0"])
     assert result.exit_code == 0  # 5.24 merges cleanly even though the pin's patch fails there
@@ -81,10 +101,10 @@ def test_refresh_reports_conflicts_without_writing_a_patch(zoo_copy):
 
 def test_legacy_pin_patch_is_gnu_identical_and_listed(zoo_copy, tmp_path):
     llama = zoo.resolve("llama2")
-    pins = actions.pins(llama)
-    assert set(pins) == {"5.17.0", LEGACY}
-    assert set(actions.pins(zoo.resolve("yi"))) == {"5.17.0", LEGACY}  # reused with the patch
-    legacy = pins[LEGACY]
+    available = pins.supported(llama)
+    assert set(available) == {"5.17.0", LEGACY}
+    assert set(pins.supported(zoo.resolve("yi"))) == {"5.17.0", LEGACY}  # reused with the patch
+    legacy = available[LEGACY]
     pristine = actions.pinned_bytes(llama, "modeling_llama.py", legacy)
     ours = tmp_path / "ours.py"
     gnu = tmp_path / "gnu.py"
@@ -99,6 +119,6 @@ def test_legacy_pin_patch_is_gnu_identical_and_listed(zoo_copy, tmp_path):
 @pytest.mark.skipif(transformers.__version__ != LEGACY, reason="runs in the legacy-pin environment")
 def test_legacy_environment_picks_the_legacy_patch(zoo_copy):
     llama = zoo.resolve("llama2")
-    assert actions.active_pin(llama).version == LEGACY
+    assert pins.active_pin(llama).version == LEGACY
     CliRunner().invoke(main, ["sync", "llama2"])
     assert actions.file_state(llama, "modeling_llama.py").state == "pristine"

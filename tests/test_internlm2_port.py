@@ -28,7 +28,7 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from equivalence_checks import run_alone
-from hfpatch import actions, engines, modeling, runtime, zoo
+from hfpatch import actions, engines, modeling, pins, runtime, zoo
 from hfpatch.cli import main as cli
 from runtime_helpers import run_distributed
 
@@ -282,10 +282,10 @@ def check_patch_roundtrip(name: str, tmp_path: Path) -> None:
     entry = zoo.resolve(name)
     _cli("sync", name)  # the port's pristine source is copied beside it, like an upstream file
     target = entry.directory / entry.patch_target
-    patch_path = zoo.patch_file(entry)
+    patch_path = pins.default_patch_path(entry)
     pristine = target.read_bytes()
     assert sha256(pristine) == entry.upstream.files[entry.patch_target]
-    header = actions.patch_header(patch_path.read_text())
+    header = pins.read_header(patch_path.read_text())
     assert header["pre-image-sha256"] == sha256(pristine)
     for line in engines.ENGINE_IMPORTS[engines.DEFAULT_ENGINE]:  # exactly once each, so engines can rewrite them
         assert patch_path.read_text().split("\n").count(f"+{line}") == 1

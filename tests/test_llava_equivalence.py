@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
-from hfpatch import engines, runtime, zoo
+from hfpatch import engines, pins, runtime, zoo
 from hfpatch.cli import main
 from hfpatch.train.multimodal import pack_llava_samples
 from llava_cases import isp_worker, patched_and_reference, sample_labels, samples, unpacked_rows
@@ -199,7 +199,7 @@ def test_isp_unpacked_rows_equal_single_process():
 
 
 def test_patch_imports_only_the_runtime_api_and_renders_for_internevo(zoo_copy, tmp_path):
-    text = zoo.patch_file(zoo.resolve("llava")).read_text()
+    text = pins.default_patch_path(zoo.resolve("llava")).read_text()
     for line in engines.ENGINE_IMPORTS["hfpatch"]:
         assert text.count(f"\n+{line}\n") == 1
     hfpatch_imports = [l for l in text.splitlines() if l.startswith("+") and "hfpatch" in l and "import" in l]

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 from click.testing import CliRunner
 
-from hfpatch import actions, engines, upstream, zoo
+from hfpatch import actions, engines, pins, upstream, zoo
 from hfpatch.cli import main
 
 SEED_DIRS = {
@@ -34,7 +34,7 @@ def test_list_json_has_all_ten_seed_models_with_their_real_state(zoo_copy):
         entry = zoo.resolve(row["model"])
         assert row["patch"].startswith("ready") == entry.has_patch
         if entry.has_patch:  # a row claiming varlen must have a patch file that applies
-            assert zoo.patch_file(entry).is_file()
+            assert pins.default_patch_path(entry).is_file()
     llama = next(r for r in rows if r["model"] == "llama2")
     assert llama["varlen"] and llama["isp"] and llama["upstream"] == "transformers==5.17.0"
 
@@ -70,7 +70,7 @@ def test_hfpatch_apply_equals_gnu_patch_for_every_zoo_patch(zoo_copy, tmp_path):
         pristine = actions.pinned_bytes(entry, entry.patch_target)
         gnu_file = tmp_path / f"{entry.name}_{entry.patch_target}"
         gnu_file.write_bytes(pristine)
-        done = subprocess.run(["patch", "--fuzz=0", "--batch", "-s", str(gnu_file), str(zoo.patch_file(entry))],
+        done = subprocess.run(["patch", "--fuzz=0", "--batch", "-s", str(gnu_file), str(pins.default_patch_path(entry))],
                               capture_output=True, text=True)
         assert done.returncode == 0, done.stdout + done.stderr
         run("sync", entry.name)
@@ -109,6 +109,20 @@ def test_absolutize_imports_rule():
     assert upstream.absolutize_imports(source, "transformers.models.llama") == (
         "from transformers.utils import x\nfrom transformers.models.llama.configuration_llama import C\n"
         "from transformers.models import models\n")
+
+
+def test_one_cache_dir_hfpatch_cache_then_xdg_cache_home(monkeypatch, tmp_path):
+    """Wheels (upstream) and tokenizers (trainer) share one cache dir; it follows $XDG_CACHE_HOME."""
+    from hfpatch import files
+    from hfpatch.train.cache import cache_dir as trainer_cache_dir
+
+    monkeypatch.delenv("HFPATCH_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert files.cache_dir() == trainer_cache_dir() == tmp_path / "xdg" / "hfpatch"
+    with pytest.raises(upstream.UpstreamError, match=str(tmp_path / "xdg" / "hfpatch" / "wheels")):
+        upstream.wheel_path("transformers", "0.0.0", fetch=False)
+    monkeypatch.setenv("HFPATCH_CACHE", str(tmp_path / "mine"))
+    assert files.cache_dir() == trainer_cache_dir() == tmp_path / "mine"
 
 
 def test_internevo_engine_gives_the_seed_imports_and_compiles(zoo_copy, tmp_path):

@@ -7,13 +7,11 @@ import sys
 
 import click
 
-from hfpatch import actions, engines, patching, upstream, zoo
+from hfpatch.errors import UserError
 
 from .config import resolve_config
-from .errors import TrainError
 from .launch import run_torchrun, strip_option, world_info
 
-USER_ERRORS = (TrainError, zoo.ZooError, actions.ActionError, patching.PatchError, upstream.UpstreamError, engines.EngineError)
 ARGV_KEY = "hfpatch.train.argv"
 
 # Command-line option -> the config key it overrides.
@@ -109,7 +107,7 @@ def train(ctx, model, config_file, assignments, nproc, max_restarts, print_confi
             worker_args = strip_option(strip_option(ctx.meta[ARGV_KEY], "--nproc"), "--max-restarts")
             sys.exit(run_torchrun(nproc, worker_args, max_restarts))
         summary = run_training(cfg)
-    except USER_ERRORS as exc:
+    except UserError as exc:
         _report(exc)
         sys.exit(1)
     except KeyboardInterrupt:

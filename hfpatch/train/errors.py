@@ -1,7 +1,9 @@
 """Errors the trainer reports as one line (``error: ...``) instead of a traceback."""
 
+from hfpatch.errors import UserError
 
-class TrainError(Exception):
+
+class TrainError(UserError):
     """A problem the user can fix: bad config, bad data, bad launch."""
 
 

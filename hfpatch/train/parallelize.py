@@ -67,10 +67,6 @@ def _force_sum_reductions(model: torch.nn.Module) -> None:
             module.set_force_sum_reduction_for_comms(True)
 
 
-def is_sharded(model: torch.nn.Module) -> bool:
-    return isinstance(model, FSDPModule)
-
-
 def set_gradient_sync(model: torch.nn.Module, enabled: bool) -> None:
     """Skip FSDP2's reduce on all but the last micro-batch of an accumulation step."""
     if isinstance(model, FSDPModule):
