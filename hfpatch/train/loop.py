@@ -8,6 +8,7 @@ parent so that bad input fails once, before any worker starts.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,7 @@ def preflight(cfg: TrainConfig, world: int) -> None:
             raise (DataError if label != "--model-path" else TrainError)(f"{label} {path} does not exist")
     model_config(entry, cfg, vocab_size=None)
     _check_resume_option(cfg)
+    _check_run_dir(cfg)
 
 
 def _check_resume_option(cfg: TrainConfig) -> None:
@@ -51,11 +53,21 @@ def _check_resume_option(cfg: TrainConfig) -> None:
         raise ConfigError(f"--resume must be auto, never or an existing checkpoint path; {cfg.resume} does not exist")
 
 
+def _check_run_dir(cfg: TrainConfig) -> None:
+    """The run dir can be made (an InternEvo file's save_ckpt_folder may name another cluster's disk)."""
+    path = cfg.run_dir.absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot create the run dir {cfg.run_dir} (out, from {cfg.sources['out']}): "
+                          f"{existing} is not a writable directory")
+
+
 def run_training(cfg: TrainConfig) -> RunSummary:
     info = world_info()
     check_world_size(cfg, info.world)
     entry = resolve_entry(cfg.model_name)
     _check_resume_option(cfg)
+    _check_run_dir(cfg)
     with attempt_scoped_process_group(), parallel_context(sequence_parallel=cfg.sp, weight_parallel=cfg.wp):
         return _Trainer(cfg, entry).run()
 
@@ -242,10 +254,10 @@ class _Trainer:
             records.append(record)
             progress.update(record)
             faults.maybe_crash(self.state.step, self.rank, "step")
-            if cfg.checkpoint_every and self.state.step % cfg.checkpoint_every == 0:
+            if cfg.save_checkpoints and cfg.checkpoint_every and self.state.step % cfg.checkpoint_every == 0:
                 self.save()
                 saved_step = self.state.step
-        if saved_step != self.state.step:
+        if cfg.save_checkpoints and saved_step != self.state.step:
             self.save()
         return records
 
