@@ -141,9 +141,10 @@ def test_flux_keeps_its_architecture(train_env):
 def test_an_hfpatch_config_file_keeps_its_model_keys(train_env, tmp_path):
     """Without InternEvo's own sections a file is an hfpatch config: model keys override the model's config."""
     path = tmp_path / "flux.py"
-    path.write_text("model = dict(num_layers=1, checkpoint=0.25)\n")
+    path.write_text("model = dict(num_layers=1, checkpoint=0.25)\ndata = dict(valid_every=5)\n")
     cfg = resolve_config("flux", path)
-    assert cfg.model_overrides == {"num_layers": 1} and cfg.activation_checkpointing == 0.25 and cfg.ignored == ()
+    assert cfg.model_overrides == {"num_layers": 1} and cfg.activation_checkpointing == 0.25
+    assert cfg.ignored == ("data.valid_every",)  # InternEvo's keys are taken in any file; data is not named whole
 
 
 INTERNEVO = 'adam = dict(lr=1e-4)\ndata = dict(total_steps=50)\n'  # makes a file an InternEvo config

@@ -448,8 +448,8 @@ def _resolve_hub_ids(state: _Resolution) -> None:
 
 
 def _collapse(ignored: list[str], effective: set[str]) -> list[str]:
-    """A top-level section none of whose keys had an effect is listed once, by its name."""
-    return [path if path.split(".")[0] in effective else path.split(".")[0] for path in ignored]
+    """An InternEvo section none of whose keys had an effect is listed once, by its name."""
+    return [top if (top := path.split(".")[0]) not in effective and top not in SECTIONS else path for path in ignored]
 
 
 def ignored_warning(cfg: TrainConfig) -> str | None:

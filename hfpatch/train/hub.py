@@ -38,7 +38,7 @@ def local_path(value: str, repo_type: str, label: str) -> str:
         kind = " --repo-type dataset" if repo_type == "dataset" else ""
         raise ConfigError(
             f"{label}: {value!r} is neither a local path nor a {repo_type} in the local Hugging Face cache ({cache_dir()}); "
-            f"fetch it there (huggingface-cli download {value}{kind}) or point {label.split(': ')[-1]} at a local copy"
+            f"fetch it there (hf download {value}{kind}) or point {label} at a local copy"
         ) from None
 
 

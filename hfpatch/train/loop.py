@@ -58,7 +58,7 @@ def _check_run_dir(cfg: TrainConfig) -> None:
     path = cfg.run_dir.absolute()
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"cannot create the run dir {cfg.run_dir} (out, from {cfg.sources['out']}): "
+        raise ConfigError(f"cannot create the run dir {cfg.run_dir} (out, from {cfg.sources.get('out', 'default')}): "
                           f"{existing} is not a writable directory")
 
 
