@@ -97,12 +97,9 @@ def is_internevo(names: Mapping[str, Any]) -> bool:
     return any(name in names for name in MARKERS)
 
 
-def no_effect(path: str) -> str | None:
-    """The NO_EFFECT entry covering ``path`` (the key itself or its section), if any."""
-    for entry in NO_EFFECT:
-        if path == entry or path.startswith(entry + "."):
-            return entry
-    return None
+def no_effect(path: str) -> bool:
+    """``path`` or its section is in NO_EFFECT."""
+    return any(path == entry or path.startswith(entry + ".") for entry in NO_EFFECT)
 
 
 def check_neutral(path: str, value: Any, names: Mapping[str, Any]) -> bool:
