@@ -88,12 +88,19 @@ MODELS = ["llama2", "qwen2", "mixtral", "internlm2", "baichuan2", "llava", "mamb
 
 @pytest.fixture
 def internevo_stub(tmp_path, monkeypatch):
+    """The stub on sys.path; afterwards transformers' attention registry as it was (LLaVA's patch registers
+    its attention there on import: the stub-bound one must not outlive the test)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
     for name, text in STUB.items():
         path = tmp_path / "stub" / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
     monkeypatch.syspath_prepend(str(tmp_path / "stub"))
+    registered = dict(ALL_ATTENTION_FUNCTIONS.items())
     yield
+    for key, function in registered.items():
+        type(ALL_ATTENTION_FUNCTIONS).register(key, function)
     for name in [m for m in sys.modules if m == "internlm" or m.startswith("internlm.")]:
         del sys.modules[name]
 
