@@ -70,6 +70,38 @@ def test_config_files_are_parsed_not_executed(tmp_path, text, message):
     assert "cfg.py:1" in str(info.value)
 
 
+def test_the_config_language_of_internevo_files():
+    names = parse_config_text(
+        'A = 4\nNAME = "org/m"\nB = int(A / 3) + 2 ** 3 - -1\n'
+        'JOB = f"train_{NAME}/{A:03d}_{A * 0.5!r}"\n'
+        'd = dict(x=A, y=[1, 2, 3], z=(A, "a"))\n'
+        'e = dict(total=d["x"] * 2, first=d["y"][0], tail=d["y"][1:], pair=d["z"][-1])\n'
+        'flags = (A > 3, A == 4 and B != 0, 1 < A <= 4, "m" in NAME, None is None, not A)\n'
+        'pick = "big" if A >= 4 else "small"\n'
+        'calls = (float(A), str(A), bool(0), round(2 / 3, 2), abs(-A), min(A, 2), max(1, A), len(NAME), '
+        'list((1,)), tuple([2]), dict(d, x=0)["x"], sum([1, 2]), sorted([2, 1]))\n'
+        '"""a string between assignments"""\n'
+    )
+    assert names["B"] == 10 and names["JOB"] == "train_org/m/004_2.0"
+    assert names["e"] == {"total": 8, "first": 1, "tail": [2, 3], "pair": "a"}
+    assert names["flags"] == (True, True, True, True, True, False) and names["pick"] == "big"
+    assert names["calls"] == (4.0, "4", False, 0.67, 4, 2, 4, 5, [1], (2,), 0, 3, [1, 2])
+
+
+@pytest.mark.parametrize("text, message", [
+    ("x = 'a'.upper()", "unsupported expression \"'a'.upper()\""),
+    ("import os\nx = os.sep", "only assignments are allowed"),
+    ("x = [i for i in range(3)]", "unsupported expression"),
+    ("x = (lambda: 1)()", "unsupported expression"),
+    ("x = int('seven')", "cannot evaluate \"int('seven')\": ValueError"),
+    ("d = dict(a=1)\nx = d['b']", "cannot evaluate \"d['b']\": KeyError"),
+    ("x = max(*[1, 2])", "unpacking is not supported"),
+])
+def test_the_language_stops_at_anything_else(text, message):
+    with pytest.raises(ConfigError, match="<config>:\\d+: .*" + re.escape(message)):
+        parse_config_text(text)
+
+
 @pytest.mark.parametrize("text, message", [
     ("data = dict(seqlen=128)", "unknown config key 'data.seqlen'; did you mean data.seq_len?"),
     ("totl_steps = 3", "unknown config key 'totl_steps'; did you mean total_steps?"),

@@ -47,6 +47,48 @@ def test_activation_checkpointing_changes_nothing(reference, tmp_path):
     assert_same_curve(tmp_path, reference)
 
 
+def _layer_calls(model) -> list[int]:
+    """Per decoder layer: a counter of its children's forward calls (recomputation calls them again)."""
+    from hfpatch.runtime import find_decoder_layers
+
+    counts = []
+    for i, layer in enumerate(find_decoder_layers(model)):
+        counts.append(0)
+        for child in layer.children():
+            child.register_forward_pre_hook(lambda *_, i=i: counts.__setitem__(i, counts[i] + 1))
+    return counts
+
+
+@pytest.mark.parametrize("name, fraction, recomputed", [
+    ("llama2", 0.75, [True, False]),  # int(0.75 x 2 layers) = 1: the first layer only, as InternEvo
+    ("llama2", 1.0, [True, True]),  # transformers' own switch
+    ("flux", True, [True, True]),  # no transformers switch (diffusers): each block (1 double, 1 single) wrapped
+])
+def test_checkpointed_layers_recompute_and_leave_the_grads_unchanged(train_env, name, fraction, recomputed):
+    from hfpatch.train.parallelize import checkpoint_layers
+
+    if name == "flux":
+        from flux_cases import BATCH_SHAPE, batch_inputs, make_samples, patched_and_reference
+
+        model, reference = patched_and_reference()
+        inputs = batch_inputs(make_samples(model.config, [BATCH_SHAPE] * 2))
+        loss_of = lambda m: (m(**inputs).sample ** 2).mean()  # noqa: E731
+    else:
+        from llama_cases import patched_and_reference
+
+        model, reference = patched_and_reference(name)
+        ids = torch.randint(1, model.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(1))
+        loss_of = lambda m: m(input_ids=ids, labels=ids).loss  # noqa: E731
+    model.train(), reference.train()
+    assert checkpoint_layers(model, float(fraction)) == sum(recomputed)
+    calls, plain_calls = _layer_calls(model), _layer_calls(reference)
+    loss_of(model).backward()
+    loss_of(reference).backward()
+    assert [c == 2 * p for c, p in zip(calls, plain_calls)] == recomputed and all(plain_calls)
+    for (key, p), (_, r) in zip(model.named_parameters(), reference.named_parameters()):
+        torch.testing.assert_close(p.grad, r.grad, atol=1e-10, rtol=0, msg=key)
+
+
 def test_chunked_loss_changes_nothing(reference, tmp_path):
     # 37-token chunks: several per 128-token pack, the last one short
     cli_ok("llama2", *COMMON, "--loss-chunk", "37", "--out", tmp_path, "--export", tmp_path / "hf")

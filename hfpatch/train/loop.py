@@ -47,11 +47,21 @@ def preflight(cfg: TrainConfig, world: int) -> None:
             raise (DataError if label != "--model-path" else TrainError)(f"{label} {path} does not exist")
     model_config(entry, cfg, vocab_size=None)
     _check_resume_option(cfg)
+    _check_run_dir(cfg)
 
 
 def _check_resume_option(cfg: TrainConfig) -> None:
     if cfg.resume not in ("auto", "never") and not Path(cfg.resume).exists():
         raise ConfigError(f"--resume must be auto, never or an existing checkpoint path; {cfg.resume} does not exist")
+
+
+def _check_run_dir(cfg: TrainConfig) -> None:
+    """The run dir can be made (an InternEvo file's save_ckpt_folder may name another cluster's disk)."""
+    path = cfg.run_dir.absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot create the run dir {cfg.run_dir} (out, from {cfg.sources.get('out', 'default')}): "
+                          f"{existing} is not a writable directory")
 
 
 def run_training(cfg: TrainConfig) -> RunSummary:
@@ -61,6 +71,7 @@ def run_training(cfg: TrainConfig) -> RunSummary:
     check_world_size(cfg, info.world)
     entry = resolve_entry(cfg.model_name)
     _check_resume_option(cfg)
+    _check_run_dir(cfg)
     with attempt_scoped_process_group(), parallel_context(sequence_parallel=cfg.sp, weight_parallel=cfg.wp):
         return _Trainer(cfg, entry).run()
 
@@ -269,10 +280,10 @@ class _Trainer:
             records.append(record)
             progress.update(record)
             faults.maybe_crash(self.state.step, self.rank, "step")
-            if cfg.checkpoint_every and self.state.step % cfg.checkpoint_every == 0:
+            if cfg.save_checkpoints and cfg.checkpoint_every and self.state.step % cfg.checkpoint_every == 0:
                 self.save()
                 saved_step = self.state.step
-        if saved_step != self.state.step:
+        if cfg.save_checkpoints and saved_step != self.state.step:
             self.save()
         return records
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.utils.checkpoint
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
 
 from hfpatch.runtime import apply_weight_parallel, find_decoder_layers
@@ -41,15 +42,42 @@ def compile_decoder_layers(model: torch.nn.Module) -> list[str]:
     return sorted(set(compiled))
 
 
+def checkpoint_layers(model: torch.nn.Module, fraction: float) -> int:
+    """Activation checkpointing for ``fraction`` of the decoder layers: all (transformers' own switch where the
+    model has it), else the first ``int(fraction * layers)``, as InternEvo's ``model.checkpoint``. Returns how many."""
+    layers = find_decoder_layers(model)
+    if fraction >= 1 and hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return len(layers)
+    count = int(fraction * len(layers))
+    for layer in layers[:count]:
+        _recompute_in_backward(layer)
+    return count
+
+
+def _recompute_in_backward(layer: torch.nn.Module) -> None:
+    # the instance's forward is wrapped, not the module, so parameter names (checkpoints, FSDP2) stay as they are
+    forward = layer.forward
+
+    def checkpointed(*args, **kwargs):
+        if not (layer.training and torch.is_grad_enabled()):
+            return forward(*args, **kwargs)
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    layer.forward = checkpointed
+
+
 def parallelize(
-    model: torch.nn.Module, *, world: int, activation_checkpointing: bool, compute_dtype: torch.dtype | None = None,
+    model: torch.nn.Module, *, world: int, activation_checkpointing: bool | float, compute_dtype: torch.dtype | None = None,
     compile_layers: bool = False,
 ) -> torch.nn.Module:
-    """FSDP2 whenever there is more than one rank or mixed precision is wanted (one GPU too)."""
+    """FSDP2 whenever there is more than one rank or mixed precision is wanted (one GPU too).
+
+    ``activation_checkpointing``: True / False, or the fraction of decoder layers that recompute."""
     if compile_layers:
         compile_decoder_layers(model)
     if activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpoint_layers(model, float(activation_checkpointing))
     if world > 1 or compute_dtype is not None:
         # Every rank (ISP and data parallel alike) holds part of the gradient, and
         # the loss is already normalised by the global token count: FSDP2 sums.

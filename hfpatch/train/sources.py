@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from .errors import DataError
+from .hub import is_dataset_snapshot
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
@@ -33,9 +34,17 @@ def _read_dir(path: Path, text_field: str) -> list[str]:
     if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists() or (path / "state.json").exists():
         return _read_saved_dataset(path, text_field)
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in JSONL_SUFFIXES + PARQUET_SUFFIXES)
+    if is_dataset_snapshot(path):
+        files = _train_split(files, path)
     if not files:
         raise DataError(f"{path} holds no .jsonl or .parquet files and is not a dataset saved with save_to_disk")
     return [doc for file in files for doc in _read_file(file, text_field)]
+
+
+def _train_split(files: list[Path], root: Path) -> list[Path]:
+    """A hub dataset holds every split: its train files (a path part named train*), when it names them."""
+    train = [f for f in files if any(part.lower().startswith("train") for part in f.relative_to(root).parts)]
+    return train or files
 
 
 def _read_file(path: Path, text_field: str) -> list[str]:
