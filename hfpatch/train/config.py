@@ -8,7 +8,7 @@ mapping are all generated from that table; a new setting is one more ``Setting(.
 Precedence: defaults < config file < command-line options < ``--set KEY=VALUE``. A config
 file is InternEvo-shaped (``parallel=dict(tensor=dict(size=2, mode="isp"), ...)``,
 ``data=dict(seq_len=...)``, ``model=dict(...)``, ``lr = ...``); names in UPPER_CASE or
-starting with ``_`` are file-local variables. ``model=dict(...)`` holds four trainer keys
+starting with ``_`` are file-local variables. ``model=dict(...)`` holds the trainer keys
 (``checkpoint``, ``compile``, ``dtype``, ...); every other key there overrides the
 model's transformers config. InternEvo's own files are read too (``internevo.py`` says how).
 """
