@@ -1,12 +1,153 @@
-"""`hfpatch train` against bad inputs: one line, exit status, data intact."""
+"""`hfpatch train` against bad inputs and rude stops: one line, exit status, data intact.
 
+Ctrl-C and SIGTERM (single process and --nproc), launcher deaths, and .json data files.
+"""
+
+import contextlib
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from hfpatch.train.checkpoint import complete_checkpoints
 from hfpatch.train.errors import DataError
+from hfpatch.train.metrics import read_metrics
 from hfpatch.train.sources import read_documents
+from test_train_common import (  # noqa: F401
+    COMMON, REPO, TINY, cli, cli_ok, error_lines, losses, metrics, train_env, uninterrupted,
+)
+
+
+def checkpoint_names(run_dir: Path) -> list[str]:
+    return [p.name for p in complete_checkpoints(Path(run_dir) / "checkpoints")]
+
+
+@pytest.fixture(scope="module")
+def interrupted(train_env, tmp_path_factory):
+    """The COMMON run stopped by SIGINT right after step 3: (its run dir, the CLI result)."""
+    run = tmp_path_factory.mktemp("interrupted")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("HFPATCH_FAULT", "sigint:step=3")
+    try:
+        result = cli("llama2", *COMMON, "--out", run)
+    finally:
+        patch.undo()
+    return run, result
+
+
+@pytest.fixture
+def stopped_run(interrupted, tmp_path):
+    """A private copy of the interrupted run (checkpoints at steps 2 and 3)."""
+    return Path(shutil.copytree(interrupted[0], tmp_path / "run"))
+
+
+# -- Ctrl-C / SIGTERM ----------------------------------------------------------------------
+
+
+def test_sigint_saves_at_the_step_boundary_and_the_resume_is_exact(interrupted, stopped_run, uninterrupted):
+    run, result = interrupted
+    assert result.exit_code == 130, result.output
+    assert "Traceback" not in result.output
+    assert f"no checkpoint in {run / 'checkpoints'}: starting at step 1" in result.output
+    assert error_lines(result)[-1] == (
+        f"interrupted by SIGINT; the newest checkpoint is {run / 'checkpoints' / 'step_00000003'}: "
+        f"rerun the same command to continue from it (same --out {run}, --resume auto)"
+    )
+    assert checkpoint_names(run) == ["step_00000002", "step_00000003"]
+    assert [r["step"] for r in metrics(run)] == [1, 2, 3]
+
+    resumed = cli_ok("llama2", *COMMON, "--out", stopped_run)
+    assert f"resumed from {stopped_run / 'checkpoints' / 'step_00000003'} (step 3)" in resumed.output
+    assert losses(stopped_run) == uninterrupted
+
+
+def _start_nproc_run(out: Path, logs: Path) -> subprocess.Popen:
+    """``hfpatch train --nproc 2`` as a shell job: its own process group, led by the launcher."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "hfpatch.train", "llama2", *TINY, "--steps", "1000", "--nproc", "2", "--out", str(out)],
+        stdout=open(logs / "stdout", "w"), stderr=open(logs / "stderr", "w"), cwd=REPO, start_new_session=True,
+    )
+
+
+def _wait_for_training(proc: subprocess.Popen, out: Path, logs: Path) -> None:
+    deadline = time.monotonic() + 200
+    while not read_metrics(out / "metrics.jsonl"):
+        assert proc.poll() is None, (logs / "stdout").read_text() + (logs / "stderr").read_text()
+        assert time.monotonic() < deadline, "the workers never trained a step"
+        time.sleep(0.5)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, ppid = stat.read_text().rsplit(")", 1)[1].split()[:2]
+        except OSError:
+            continue
+        if int(ppid) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+def test_workers_die_with_a_kill_9_launcher_and_leave_the_run_dir_free(train_env, tmp_path):
+    out = tmp_path / "run"
+    proc = _start_nproc_run(out, tmp_path)
+    workers = []
+    try:
+        _wait_for_training(proc, out, tmp_path)
+        workers = _children(proc.pid)
+        assert len(workers) == 2
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole job, as `kill -9 -PGID` does
+        proc.wait()
+        deadline = time.monotonic() + 5
+        while any(map(_alive, workers)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        survivors = [pid for pid in workers if _alive(pid)]
+    finally:
+        for pid in workers or _children(proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.kill()
+    assert survivors == []
+    # No worker writes on and no stale lock: a rerun takes the run dir at once.
+    assert "starting at step 1" in cli_ok("llama2", *TINY, "--steps", "1", "--out", out).output
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_nproc_run_stops_on_a_signal_with_a_checkpoint_and_one_line(train_env, tmp_path, signum):
+    out = tmp_path / "run"
+    proc = _start_nproc_run(out, tmp_path)
+    try:
+        _wait_for_training(proc, out, tmp_path)
+        if signum == signal.SIGINT:
+            os.killpg(proc.pid, signum)  # Ctrl-C reaches the terminal's whole foreground job
+        else:
+            os.kill(proc.pid, signum)
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    stderr = (tmp_path / "stderr").read_text().splitlines()
+    newest = out / "checkpoints" / checkpoint_names(out)[-1]
+    assert stderr == [
+        f"interrupted by {signal.Signals(signum).name}; the newest checkpoint is {newest}: rerun the same command "
+        f"to continue from it (same --out {out}, --resume auto)"
+    ]
+    assert proc.returncode == 128 + signum
+    assert json.loads((newest / "trainer_state.json").read_text())["step"] == metrics(out)[-1]["step"]
 
 
 def _write(path: Path, text: str) -> Path:

@@ -15,3 +15,11 @@ class DataError(TrainError):
 
 class NonFiniteLossError(TrainError):
     """The loss or gradient norm became NaN/inf; the run stopped before the update."""
+
+
+class Interrupted(Exception):
+    """SIGINT / SIGTERM stopped the run at a step boundary; the message says how to resume."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_status = 128 + signum

@@ -2,7 +2,7 @@
 
 ``run_training`` is what every launched process calls (one process, or each
 torchrun worker). ``preflight`` repeats the cheap checks for the ``--nproc``
-parent so that bad input fails once, before any worker starts.
+parent (``launch_workers``) so that bad input fails once, before any worker starts.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -22,10 +22,11 @@ from .build import build_model, compute_dtype, count_parameters, model_config, p
 from .checkpoint import CheckpointManager, find_checkpoint
 from .config import TrainConfig, check_world_size
 from .dataset import RowStream
-from .errors import ConfigError, DataError, NonFiniteLossError, TrainError
+from .errors import ConfigError, DataError, Interrupted, NonFiniteLossError, TrainError
 from .export import export_hf
+from .interrupt import StopRequest, interrupted_message
 from .output_head import defer_output_projection
-from .launch import attempt_scoped_process_group, world_info
+from .launch import INTERRUPT_STATUSES, attempt_scoped_process_group, run_torchrun, world_info
 from .metrics import MetricsLog, RunSummary, peak_flops, plot_loss, read_metrics, step_flops
 from .optim import build_optimizer, build_scheduler
 from .parallelize import parallelize
@@ -49,6 +50,15 @@ def preflight(cfg: TrainConfig, world: int) -> None:
 def _check_resume_option(cfg: TrainConfig) -> None:
     if cfg.resume not in ("auto", "never") and not Path(cfg.resume).exists():
         raise ConfigError(f"--resume must be auto, never or an existing checkpoint path; {cfg.resume} does not exist")
+
+
+def launch_workers(cfg: TrainConfig, nproc: int, worker_args: list[str], max_restarts: int) -> int:
+    """``--nproc``: run the workers under torchrun; their exit status."""
+    status = run_torchrun(nproc, worker_args, max_restarts)
+    if status in INTERRUPT_STATUSES:
+        latest = CheckpointManager(cfg.run_dir / "checkpoints", cfg.keep_checkpoints, rank=0).latest()
+        raise Interrupted(interrupted_message(status - 128, latest, cfg.run_dir), status - 128)
+    return status
 
 
 def run_training(cfg: TrainConfig) -> RunSummary:
@@ -132,7 +142,7 @@ class _Trainer:
 
     # -- resume -----------------------------------------------------------------------
 
-    def resume(self) -> str | None:
+    def resume(self, log: Callable[[str], None]) -> str | None:
         cfg = self.cfg
         if cfg.resume == "never":
             if self.checkpoints.latest() is not None:
@@ -141,6 +151,7 @@ class _Trainer:
         self.checkpoints.clean_partial()
         path = self.checkpoints.latest() if cfg.resume == "auto" else find_checkpoint(Path(cfg.resume))
         if path is None:
+            log(f"no checkpoint in {self.checkpoints.root}: starting at step 1")
             return None
         saved = CheckpointManager.load(path, self.model, self.optimizer, rank=self.rank, world=self.world)
         if saved["dataset_fingerprint"] != self.dataset.fingerprint:
@@ -209,14 +220,15 @@ class _Trainer:
         self.setup()
         progress = Progress(enabled=self.is_main, total=self.cfg.total_steps, every=self.cfg.log_every)
         progress.log(self.describe())
-        resumed_from = self.resume()
+        resumed_from = self.resume(progress.log)
         if resumed_from:
             progress.log(f"resumed from {resumed_from} (step {self.state.step})")
         self.metrics.start(self.state.step)
         self.write_run_config()
         progress.begin(self.state.step)
         try:
-            records = self.train(progress)
+            with StopRequest() as stop:
+                records = self.train(progress, stop)
         finally:
             progress.close()
         return self.finish(records, resumed_from, time.perf_counter() - started)
@@ -227,8 +239,8 @@ class _Trainer:
             resolved = {"model": self.cfg.model_name, **self.cfg.tree}
             (self.run_dir / "config.json").write_text(json.dumps(resolved, indent=2, default=str))
 
-    def train(self, progress: Progress) -> list[dict[str, Any]]:
-        """Steps up to total_steps, checkpointing on schedule and at the end."""
+    def train(self, progress: Progress, stop: StopRequest) -> list[dict[str, Any]]:
+        """Steps up to total_steps, checkpointing on schedule, at the end, and when SIGINT/SIGTERM stops it."""
         cfg = self.cfg
         records, saved_step = [], self.state.step
         while self.state.step < cfg.total_steps:
@@ -245,6 +257,10 @@ class _Trainer:
             if cfg.checkpoint_every and self.state.step % cfg.checkpoint_every == 0:
                 self.save()
                 saved_step = self.state.step
+            signum = stop.agreed()
+            if signum:
+                latest = self.save() if saved_step != self.state.step else self.checkpoints.latest()
+                raise Interrupted(interrupted_message(signum, latest, self.run_dir), signum)
         if saved_step != self.state.step:
             self.save()
         return records
