@@ -1,6 +1,7 @@
 """`hfpatch train` against bad inputs and rude stops: one line, exit status, data intact.
 
-Ctrl-C and SIGTERM (single process and --nproc), launcher deaths, and .json data files.
+Ctrl-C and SIGTERM (single process and --nproc), launcher deaths, two runs on one --out,
+a rerun on new data, an unusable --out, and .json data files.
 """
 
 import contextlib
@@ -18,6 +19,7 @@ import pytest
 from hfpatch.train.checkpoint import complete_checkpoints
 from hfpatch.train.errors import DataError
 from hfpatch.train.metrics import read_metrics
+from hfpatch.train.rundir import claim_run_dir
 from hfpatch.train.sources import read_documents
 from test_train_common import (  # noqa: F401
     COMMON, REPO, TINY, cli, cli_ok, error_lines, losses, metrics, train_env, uninterrupted,
@@ -26,6 +28,15 @@ from test_train_common import (  # noqa: F401
 
 def checkpoint_names(run_dir: Path) -> list[str]:
     return [p.name for p in complete_checkpoints(Path(run_dir) / "checkpoints")]
+
+
+def only_error_line(result) -> str:
+    """The one ``error:`` line a failed run ends with (setup lines may come before it)."""
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in error_lines(result) if line.startswith("error")]
+    assert errors == error_lines(result)[-1:], result.output
+    return errors[0]
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +144,11 @@ def test_nproc_run_stops_on_a_signal_with_a_checkpoint_and_one_line(train_env, t
     proc = _start_nproc_run(out, tmp_path)
     try:
         _wait_for_training(proc, out, tmp_path)
+        # The launcher holds the run dir for its workers.
+        assert only_error_line(cli("llama2", *TINY, "--steps", "1", "--out", out)) == (
+            f"error: --out {out} is in use by another training run (pid {proc.pid}); wait for it to finish or "
+            f"stop it, or pass another --out"
+        )
         if signum == signal.SIGINT:
             os.killpg(proc.pid, signum)  # Ctrl-C reaches the terminal's whole foreground job
         else:
@@ -150,9 +166,59 @@ def test_nproc_run_stops_on_a_signal_with_a_checkpoint_and_one_line(train_env, t
     assert json.loads((newest / "trainer_state.json").read_text())["step"] == metrics(out)[-1]["step"]
 
 
+# -- run directory -------------------------------------------------------------------------
+
+
+def test_a_second_run_on_a_held_out_dir_is_refused(train_env, tmp_path):
+    out = tmp_path / "run"
+    with claim_run_dir(out, fresh=False):
+        result = cli("llama2", *TINY, "--steps", "1", "--out", out)
+    assert only_error_line(result) == (
+        f"error: --out {out} is in use by another training run (pid {os.getpid()}); wait for it to finish or "
+        f"stop it, or pass another --out"
+    )
+    assert error_lines(result) == [only_error_line(result)]  # refused before anything was built
+    assert not (out / "metrics.jsonl").exists()
+
+
 def _write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+@pytest.mark.parametrize("where, nproc, message", [
+    ("file", [], "is a file, not a directory"),
+    ("file", ["--nproc", "2"], "is a file, not a directory"),
+    ("below a file", [], "is not writable (Not a directory)"),
+    ("sysfs", [], "is not writable"),
+], ids=["file", "file, launcher", "below a file", "sysfs"])
+def test_unusable_out_is_one_line_before_anything_is_built(train_env, tmp_path, where, nproc, message):
+    out = {
+        "file": _write(tmp_path / "out", "x"),
+        "below a file": _write(tmp_path / "out", "x") / "run",
+        "sysfs": Path("/sys/hfpatch-train-test"),  # no one, root included, may create a dir here
+    }[where]
+    result = cli("llama2", *TINY, "--steps", "1", *nproc, "--out", out)
+    assert result.exit_code == 1
+    [line] = error_lines(result)  # before the model and data were built, which print a line each
+    assert line.startswith(f"error: --out {out} {message}")
+
+
+def test_resume_on_new_data_names_the_option_and_resume_never_moves_the_run_aside(train_env, stopped_run, tmp_path):
+    data = _write(tmp_path / "new.jsonl", "".join(json.dumps({"text": f"new document {i} " * 5}) + "\n" for i in range(8)))
+    refused = only_error_line(cli("llama2", *TINY, "--steps", "1", "--data", data, "--out", stopped_run))
+    assert refused == (
+        f"error: checkpoint {stopped_run / 'checkpoints' / 'step_00000003'} was trained on different data or seq_len; "
+        f"resume with the same --data and --seq-len, or to start a new run instead, pass --resume never "
+        f"(moves {stopped_run} aside) or another --out"
+    )
+    fresh = cli_ok("llama2", *TINY, "--steps", "1", "--data", data, "--out", stopped_run, "--resume", "never")
+    [aside] = tmp_path.glob("run.old-*")
+    assert f"--resume never: moved the earlier run {stopped_run} to {aside}" in fresh.output
+    assert checkpoint_names(aside) == ["step_00000002", "step_00000003"]  # kept whole
+    assert [r["step"] for r in metrics(aside)] == [1, 2, 3]
+    assert [r["step"] for r in metrics(stopped_run)] == [1]
+    assert checkpoint_names(stopped_run) == ["step_00000001"]
 
 
 # -- data files ----------------------------------------------------------------------------

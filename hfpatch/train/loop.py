@@ -2,11 +2,13 @@
 
 ``run_training`` is what every launched process calls (one process, or each
 torchrun worker). ``preflight`` repeats the cheap checks for the ``--nproc``
-parent (``launch_workers``) so that bad input fails once, before any worker starts.
+parent (``launch_workers``) so that bad input fails once, before any worker starts;
+the parent then holds the run dir for its workers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -26,11 +28,12 @@ from .errors import ConfigError, DataError, Interrupted, NonFiniteLossError, Tra
 from .export import export_hf
 from .interrupt import StopRequest, interrupted_message
 from .output_head import defer_output_projection
-from .launch import INTERRUPT_STATUSES, attempt_scoped_process_group, run_torchrun, world_info
+from .launch import INTERRUPT_STATUSES, attempt_scoped_process_group, run_torchrun, under_launcher, world_info
 from .metrics import MetricsLog, RunSummary, peak_flops, plot_loss, read_metrics, step_flops
 from .optim import build_optimizer, build_scheduler
 from .parallelize import parallelize
 from .progress import Progress
+from .rundir import claim_run_dir
 from .step import train_step
 from .workload import check_supported, describe_config, flops_shape, load_workload
 
@@ -52,9 +55,15 @@ def _check_resume_option(cfg: TrainConfig) -> None:
         raise ConfigError(f"--resume must be auto, never or an existing checkpoint path; {cfg.resume} does not exist")
 
 
+def _starts_fresh(cfg: TrainConfig) -> bool:
+    """``--resume never`` on the first attempt; a torchrun restart resumes this run's own checkpoints."""
+    return cfg.resume == "never" and world_info().attempt == 0
+
+
 def launch_workers(cfg: TrainConfig, nproc: int, worker_args: list[str], max_restarts: int) -> int:
-    """``--nproc``: run the workers under torchrun; their exit status."""
-    status = run_torchrun(nproc, worker_args, max_restarts)
+    """``--nproc``: hold the run dir, run the workers under torchrun; their exit status."""
+    with claim_run_dir(cfg.run_dir, fresh=_starts_fresh(cfg)):
+        status = run_torchrun(nproc, worker_args, max_restarts)
     if status in INTERRUPT_STATUSES:
         latest = CheckpointManager(cfg.run_dir / "checkpoints", cfg.keep_checkpoints, rank=0).latest()
         raise Interrupted(interrupted_message(status - 128, latest, cfg.run_dir), status - 128)
@@ -66,7 +75,10 @@ def run_training(cfg: TrainConfig) -> RunSummary:
     check_world_size(cfg, info.world)
     entry = resolve_entry(cfg.model_name)
     _check_resume_option(cfg)
-    with attempt_scoped_process_group(), parallel_context(sequence_parallel=cfg.sp, weight_parallel=cfg.wp):
+    # One process holds the run dir: this one, rank 0 of a plain torchrun launch, or the --nproc launcher.
+    holds_run_dir = info.rank == 0 and not under_launcher()
+    claim = claim_run_dir(cfg.run_dir, fresh=_starts_fresh(cfg)) if holds_run_dir else contextlib.nullcontext()
+    with claim, attempt_scoped_process_group(), parallel_context(sequence_parallel=cfg.sp, weight_parallel=cfg.wp):
         return _Trainer(cfg, entry).run()
 
 
@@ -144,10 +156,8 @@ class _Trainer:
 
     def resume(self, log: Callable[[str], None]) -> str | None:
         cfg = self.cfg
-        if cfg.resume == "never":
-            if self.checkpoints.latest() is not None:
-                raise ConfigError(f"{self.checkpoints.root} already holds checkpoints; use --resume auto to continue, or another --out")
-            return None
+        if _starts_fresh(cfg):
+            return None  # an earlier run here was moved aside
         self.checkpoints.clean_partial()
         path = self.checkpoints.latest() if cfg.resume == "auto" else find_checkpoint(Path(cfg.resume))
         if path is None:
@@ -156,7 +166,8 @@ class _Trainer:
         saved = CheckpointManager.load(path, self.model, self.optimizer, rank=self.rank, world=self.world)
         if saved["dataset_fingerprint"] != self.dataset.fingerprint:
             raise ConfigError(
-                f"checkpoint {path} was trained on different data or seq_len; resume with the same data, or use another --out"
+                f"checkpoint {path} was trained on different data or seq_len; resume with the same --data and --seq-len, "
+                f"or to start a new run instead, pass --resume never (moves {self.run_dir} aside) or another --out"
             )
         self.scheduler.load_state_dict(saved["scheduler"])
         self.state = _State(step=saved["step"], rows_consumed=saved["rows_consumed"], tokens_seen=saved["tokens_seen"])
