@@ -1,7 +1,8 @@
 """`hfpatch train` against bad inputs and rude stops: one line, exit status, data intact.
 
 Ctrl-C and SIGTERM (single process and --nproc), launcher deaths, two runs on one --out,
-a rerun on new data, an unusable --out, and .json data files.
+a rerun on new data, an unusable --out, unreadable / ill-fitting checkpoints, a full disk,
+and .json data files.
 """
 
 import contextlib
@@ -219,6 +220,53 @@ def test_resume_on_new_data_names_the_option_and_resume_never_moves_the_run_asid
     assert [r["step"] for r in metrics(aside)] == [1, 2, 3]
     assert [r["step"] for r in metrics(stopped_run)] == [1]
     assert checkpoint_names(stopped_run) == ["step_00000001"]
+
+
+# -- checkpoints ---------------------------------------------------------------------------
+
+
+def test_unreadable_newest_checkpoint_falls_back_to_the_previous_one(stopped_run, uninterrupted):
+    newest = stopped_run / "checkpoints" / "step_00000003"
+    shard = next((newest / "dcp").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])  # a truncated copy
+    result = cli_ok("llama2", *COMMON, "--out", stopped_run)
+    warnings = [line for line in error_lines(result) if line.startswith("warning")]
+    assert warnings == [
+        f"warning: checkpoint {newest} cannot be read: PytorchStreamReader failed reading zip archive: "
+        f"failed finding central directory; falling back to {stopped_run / 'checkpoints' / 'step_00000002'}"
+    ]
+    assert f"resumed from {stopped_run / 'checkpoints' / 'step_00000002'} (step 2)" in result.output
+    assert losses(stopped_run) == uninterrupted
+
+
+def test_checkpoint_of_another_size_or_model_is_one_line_and_kept(stopped_run):
+    before = checkpoint_names(stopped_run)
+    bigger = only_error_line(cli("llama2", *COMMON, "--set", "model.hidden_size=128", "--out", stopped_run))
+    assert bigger.startswith(
+        f"error: checkpoint {stopped_run / 'checkpoints' / 'step_00000003'} does not fit this model: "
+        f"model.embed_tokens.weight is [1024, 64] there and [1024, 128] here; train with the model settings"
+    )
+    # Yi with Llama-2's tiny sizes takes the same tensors: only the saved model name tells them apart.
+    same_shapes = ["--set", "model.intermediate_size=128", "--set", "model.num_attention_heads=4",
+                   "--set", "model.num_key_value_heads=2"]
+    other = only_error_line(cli("yi", *COMMON, *same_shapes, "--out", stopped_run))
+    assert other.startswith(
+        f"error: checkpoint {stopped_run / 'checkpoints' / 'step_00000003'} was saved by a llama2 run, not yi;"
+    )
+    assert checkpoint_names(stopped_run) == before
+    assert [r["step"] for r in metrics(stopped_run)] == [1, 2, 3]
+
+
+def test_disk_full_during_a_save_keeps_the_previous_checkpoint(train_env, tmp_path, monkeypatch):
+    monkeypatch.setenv("HFPATCH_FAULT", "enospc:step=2:where=save")
+    result = cli("llama2", *TINY, "--steps", "3", "--checkpoint-every", "1", "--out", tmp_path)
+    checkpoints = tmp_path / "checkpoints"
+    assert only_error_line(result) == (
+        f"error: cannot save the step 2 checkpoint in {checkpoints}: [Errno 28] No space left on device; "
+        f"the newest checkpoint is still {checkpoints / 'step_00000001'}"
+    )
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_00000001"]  # no temp dir left
+    assert [r["step"] for r in metrics(tmp_path)] == [1, 2]
 
 
 # -- data files ----------------------------------------------------------------------------

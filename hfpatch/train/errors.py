@@ -17,6 +17,10 @@ class NonFiniteLossError(TrainError):
     """The loss or gradient norm became NaN/inf; the run stopped before the update."""
 
 
+class UnreadableCheckpointError(TrainError):
+    """A checkpoint whose files cannot be read (truncated, corrupt); an older one may still be."""
+
+
 class Interrupted(Exception):
     """SIGINT / SIGTERM stopped the run at a step boundary; the message says how to resume."""
 

@@ -2,16 +2,17 @@
 
 ``HFPATCH_FAULT="kind:key=value:..."`` (several separated by ``;``). Kinds:
 ``exit`` (os._exit), ``kill`` (SIGKILL to itself, like ``kill -9``), ``sigint`` /
-``sigterm`` (that signal to itself, like Ctrl-C / ``kill``), ``nan`` (the loss of
-that step becomes NaN). Keys: ``step`` (required), ``rank`` (global rank,
-default any), ``attempt`` (torchrun's TORCHELASTIC_RESTART_COUNT, default any),
-``where`` (``step``: after the step, before its checkpoint -- the default; ``save``:
-inside the checkpoint save, after the files are written, before they are
-committed), ``code`` (exit status for ``exit``, default 42).
+``sigterm`` (that signal to itself, like Ctrl-C / ``kill``), ``enospc`` (an OSError
+"No space left on device"), ``nan`` (the loss of that step becomes NaN). Keys:
+``step`` (required), ``rank`` (global rank, default any), ``attempt`` (torchrun's
+TORCHELASTIC_RESTART_COUNT, default any), ``where`` (``step``: after the step, before
+its checkpoint -- the default; ``save``: inside the checkpoint save, after the files
+are written, before they are committed), ``code`` (exit status for ``exit``, default 42).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ def parse_faults(text: str) -> list[Fault]:
     faults = []
     for spec in filter(None, (s.strip() for s in text.split(";"))):
         kind, *pairs = spec.split(":")
-        if kind not in ("exit", "nan", *SIGNALS):
+        if kind not in ("exit", "enospc", "nan", *SIGNALS):
             raise ValueError(f"{ENV}: unknown fault kind {kind!r} in {spec!r}")
         fields = dict(pair.split("=", 1) for pair in pairs)
         ints = {k: int(v) for k, v in fields.items() if k in ("step", "rank", "attempt", "code")}
@@ -61,6 +62,8 @@ def maybe_crash(step: int, rank: int, where: str) -> None:
             os._exit(fault.code)
         if fault.kind in SIGNALS:
             os.kill(os.getpid(), SIGNALS[fault.kind])
+        if fault.kind == "enospc":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 def maybe_poison(loss: torch.Tensor, step: int, rank: int) -> torch.Tensor:

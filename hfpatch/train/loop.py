@@ -21,10 +21,10 @@ from hfpatch.runtime import ParallelMode, current_device, gpc, parallel_context,
 
 from . import faults
 from .build import build_model, compute_dtype, count_parameters, model_config, param_dtype, resolve_entry
-from .checkpoint import CheckpointManager, find_checkpoint
+from .checkpoint import CheckpointManager, checkpoints_at, complete_checkpoints, read_state
 from .config import TrainConfig, check_world_size
 from .dataset import RowStream
-from .errors import ConfigError, DataError, Interrupted, NonFiniteLossError, TrainError
+from .errors import ConfigError, DataError, Interrupted, NonFiniteLossError, TrainError, UnreadableCheckpointError
 from .export import export_hf
 from .interrupt import StopRequest, interrupted_message
 from .output_head import defer_output_projection
@@ -159,19 +159,37 @@ class _Trainer:
         if _starts_fresh(cfg):
             return None  # an earlier run here was moved aside
         self.checkpoints.clean_partial()
-        path = self.checkpoints.latest() if cfg.resume == "auto" else find_checkpoint(Path(cfg.resume))
-        if path is None:
-            log(f"no checkpoint in {self.checkpoints.root}: starting at step 1")
-            return None
-        saved = CheckpointManager.load(path, self.model, self.optimizer, rank=self.rank, world=self.world)
-        if saved["dataset_fingerprint"] != self.dataset.fingerprint:
-            raise ConfigError(
-                f"checkpoint {path} was trained on different data or seq_len; resume with the same --data and --seq-len, "
-                f"or to start a new run instead, pass --resume never (moves {self.run_dir} aside) or another --out"
-            )
-        self.scheduler.load_state_dict(saved["scheduler"])
-        self.state = _State(step=saved["step"], rows_consumed=saved["rows_consumed"], tokens_seen=saved["tokens_seen"])
-        return str(path)
+        if cfg.resume == "auto":
+            candidates = complete_checkpoints(self.checkpoints.root)[::-1]
+            if not candidates:
+                log(f"no checkpoint in {self.checkpoints.root}: starting at step 1")
+                return None
+        else:
+            candidates = checkpoints_at(Path(cfg.resume))
+        for i, path in enumerate(candidates):  # newest first; an unreadable one falls back to the one before
+            try:
+                saved = read_state(path)
+                self.check_resumable(path, saved)
+                CheckpointManager.load(path, saved, self.model, self.optimizer, rank=self.rank, world=self.world)
+            except UnreadableCheckpointError as exc:
+                if i + 1 == len(candidates):
+                    raise UnreadableCheckpointError(
+                        f"{exc}; no older checkpoint to fall back to: start a new run with --resume never "
+                        f"(moves {self.run_dir} aside) or another --out") from None
+                log(f"warning: {exc}; falling back to {candidates[i + 1]}")
+                continue
+            self.scheduler.load_state_dict(saved["scheduler"])
+            self.state = _State(step=saved["step"], rows_consumed=saved["rows_consumed"], tokens_seen=saved["tokens_seen"])
+            return str(path)
+
+    def check_resumable(self, path: Path, saved: dict[str, Any]) -> None:
+        """The checkpoint is of this model and this data (its tensors are checked when loaded)."""
+        fresh = f"to start a new run instead, pass --resume never (moves {self.run_dir} aside) or another --out"
+        if saved.get("model", self.entry.name) != self.entry.name:
+            raise ConfigError(f"checkpoint {path} was saved by a {saved['model']} run, not {self.entry.name}; {fresh}")
+        if saved.get("dataset_fingerprint") != self.dataset.fingerprint:
+            raise ConfigError(f"checkpoint {path} was trained on different data or seq_len; resume with the same "
+                              f"--data and --seq-len, or {fresh}")
 
     def trainer_state(self) -> dict[str, Any]:
         return {
