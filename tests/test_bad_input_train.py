@@ -2,7 +2,7 @@
 
 Ctrl-C and SIGTERM (single process and --nproc), launcher deaths, two runs on one --out,
 a rerun on new data, an unusable --out, unreadable / ill-fitting checkpoints, a full disk,
-and .json data files.
+a model config transformers rejects, and .json data files.
 """
 
 import contextlib
@@ -267,6 +267,15 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(train_env, tmp_pa
     )
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step_00000001"]  # no temp dir left
     assert [r["step"] for r in metrics(tmp_path)] == [1, 2]
+
+
+def test_heads_that_do_not_divide_hidden_size_are_one_line(train_env, tmp_path):
+    result = cli("llama2", *TINY, "--set", "model.hidden_size=65", "--out", tmp_path / "run")
+    assert result.exit_code == 1
+    assert error_lines(result) == [
+        "error: llama2 rejects the model config (model.hidden_size=65): "
+        "The hidden size (65) is not a multiple of the number of attention heads (4)."
+    ]
 
 
 # -- data files ----------------------------------------------------------------------------

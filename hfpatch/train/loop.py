@@ -1,9 +1,9 @@
 """The training loop: set up the run from a TrainConfig, train, checkpoint, export.
 
 ``run_training`` is what every launched process calls (one process, or each
-torchrun worker). ``preflight`` repeats the cheap checks for the ``--nproc``
-parent (``launch_workers``) so that bad input fails once, before any worker starts;
-the parent then holds the run dir for its workers.
+torchrun worker). ``preflight`` holds the cheap checks, which the ``--nproc``
+parent runs too (``launch_workers``) so that bad input fails once, before any
+worker starts; the parent then holds the run dir for its workers.
 """
 
 from __future__ import annotations
@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import huggingface_hub.errors
 import torch
 
+from hfpatch import zoo
 from hfpatch.runtime import ParallelMode, current_device, gpc, parallel_context, resolve_backend
 
 from . import faults
@@ -37,17 +39,26 @@ from .rundir import claim_run_dir
 from .step import train_step
 from .workload import check_supported, describe_config, flops_shape, load_workload
 
+# What transformers' config classes raise for values that do not fit together.
+CONFIG_VALIDATION_ERRORS = (ValueError, getattr(huggingface_hub.errors, "StrictDataclassError", ValueError))
 
-def preflight(cfg: TrainConfig, world: int) -> None:
-    """Checks that need no process group: sizes, model name, paths, model overrides."""
+
+def preflight(cfg: TrainConfig, world: int) -> zoo.Entry:
+    """Checks that need no process group: sizes, model name, paths, model overrides; the zoo entry."""
     check_world_size(cfg, world)
     entry = resolve_entry(cfg.model_name)
     check_supported(entry, cfg)
     for label, path in (("--data", cfg.data_path), ("--tokenizer", cfg.tokenizer_path), ("--model-path", cfg.model_path)):
         if path and not Path(path).exists():
             raise (DataError if label != "--model-path" else TrainError)(f"{label} {path} does not exist")
-    model_config(entry, cfg, vocab_size=None)
+    try:
+        model_config(entry, cfg, vocab_size=None)
+    except CONFIG_VALIDATION_ERRORS as exc:  # e.g. heads that do not divide hidden_size
+        settings = ", ".join(f"model.{k}={v!r}" for k, v in cfg.model_overrides.items()) or "no model.* settings"
+        reason = str(exc.__cause__ or exc).strip().splitlines()[-1].strip()
+        raise ConfigError(f"{entry.name} rejects the model config ({settings}): {reason}") from None
     _check_resume_option(cfg)
+    return entry
 
 
 def _check_resume_option(cfg: TrainConfig) -> None:
@@ -72,9 +83,7 @@ def launch_workers(cfg: TrainConfig, nproc: int, worker_args: list[str], max_res
 
 def run_training(cfg: TrainConfig) -> RunSummary:
     info = world_info()
-    check_world_size(cfg, info.world)
-    entry = resolve_entry(cfg.model_name)
-    _check_resume_option(cfg)
+    entry = preflight(cfg, info.world)
     # One process holds the run dir: this one, rank 0 of a plain torchrun launch, or the --nproc launcher.
     holds_run_dir = info.rank == 0 and not under_launcher()
     claim = claim_run_dir(cfg.run_dir, fresh=_starts_fresh(cfg)) if holds_run_dir else contextlib.nullcontext()
