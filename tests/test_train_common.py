@@ -21,6 +21,8 @@ from zoo_helpers import copy_zoo
 REPO = Path(__file__).resolve().parent.parent
 # Small and quick: the manifest's tiny Llama (2 layers, hidden 64), short rows.
 TINY = ["--seq-len", "128", "--micro-num", "2"]
+# A short run with checkpoints, for the recovery tests.
+COMMON = [*TINY, "--steps", "6", "--checkpoint-every", "2", "--seed", "3"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -44,6 +46,14 @@ def train_env():
     patch.delenv("HFPATCH_FAULT", raising=False)
     yield base
     patch.undo()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(train_env, tmp_path_factory):
+    """The losses of the COMMON run, never stopped."""
+    run = tmp_path_factory.mktemp("uninterrupted")
+    cli_ok("llama2", *COMMON, "--out", run)
+    return losses(run)
 
 
 def cli(*args: str):

@@ -5,16 +5,9 @@ import signal
 import pytest
 
 from hfpatch.train.checkpoint import complete_checkpoints
-from test_train_common import TINY, cli, cli_ok, error_lines, losses, metrics, module, torchrun, train_env  # noqa: F401
-
-COMMON = [*TINY, "--steps", "6", "--checkpoint-every", "2", "--seed", "3"]
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(train_env, tmp_path_factory):
-    run = tmp_path_factory.mktemp("uninterrupted")
-    cli_ok("llama2", *COMMON, "--out", run)
-    return losses(run)
+from test_train_common import (  # noqa: F401
+    COMMON, cli, cli_ok, error_lines, losses, metrics, module, torchrun, train_env, uninterrupted,
+)
 
 
 def test_kill_9_during_a_save_then_resume_gives_the_uninterrupted_losses(uninterrupted, tmp_path):

@@ -7,13 +7,12 @@ import sys
 
 import click
 
-from hfpatch import actions, engines, patching, upstream, zoo
+from hfpatch.errors import UserError
 
 from .config import BY_NAME, NUMBER, SETTINGS, Setting, ignored_warning, resolve_config
-from .errors import TrainError
-from .launch import run_torchrun, strip_option, world_info
+from .errors import Interrupted
+from .launch import strip_option, under_launcher, world_info
 
-USER_ERRORS = (TrainError, zoo.ZooError, actions.ActionError, patching.PatchError, upstream.UpstreamError, engines.EngineError)
 ARGV_KEY = "hfpatch.train.argv"
 _CLICK_TYPES = {(int,): int, NUMBER: float, (str,): str}
 
@@ -53,6 +52,11 @@ def _report(exc: Exception) -> None:
         click.secho(f"error (rank {info.rank}): {exc}", fg="red", err=True)
 
 
+def _report_interrupt(message: str) -> None:
+    if world_info().rank == 0 and not under_launcher():  # under --nproc the launcher says it
+        click.secho(message, fg="yellow", err=True)
+
+
 @click.command("train", cls=_KeepArgv)
 @click.argument("model")
 @click.option("-c", "--config", "config_file", type=click.Path(dir_okay=False), help="InternEvo-style python config file")
@@ -71,7 +75,7 @@ def train(ctx, model, config_file, assignments, nproc, max_restarts, print_confi
     torchrun --nproc-per-node 8 -m hfpatch.train llama2 -c configs/llama2_gpu_isp_wp.py
     """
     # Imported here so that `hfpatch --help` and other commands do not load torch.
-    from .loop import preflight, run_training
+    from .loop import launch_workers, preflight, run_training
     from .metrics import format_summary
 
     try:
@@ -87,13 +91,16 @@ def train(ctx, model, config_file, assignments, nproc, max_restarts, print_confi
         if nproc:
             preflight(cfg, world=nproc)
             worker_args = strip_option(strip_option(ctx.meta[ARGV_KEY], "--nproc"), "--max-restarts")
-            sys.exit(run_torchrun(nproc, worker_args, max_restarts))
+            sys.exit(launch_workers(cfg, nproc, worker_args, max_restarts))
         summary = run_training(cfg)
-    except USER_ERRORS as exc:
+    except UserError as exc:
         _report(exc)
         sys.exit(1)
+    except Interrupted as exc:
+        _report_interrupt(str(exc))
+        sys.exit(exc.exit_status)
     except KeyboardInterrupt:
-        click.secho("interrupted", fg="red", err=True)
+        _report_interrupt("interrupted")
         sys.exit(130)
     if world_info().rank == 0:
         click.echo(format_summary(summary))

@@ -18,7 +18,7 @@ import torch
 
 from .errors import DataError
 from .multimodal import Sample
-from .sources import JSONL_SUFFIXES, jsonl_records, text_of
+from .sources import JSONL_SUFFIXES, json_records, text_of
 from .tokenizer import TextTokenizer
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -30,7 +30,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 class Record:
     text: str
     images: list[Path]  # resolved paths, in placeholder order
-    where: str  # "FILE line N", for messages
+    where: str  # "FILE line N" (or "record N" of a .json array), for messages
 
 
 def jsonl_files(path: str | Path) -> list[Path]:
@@ -49,15 +49,13 @@ def jsonl_files(path: str | Path) -> list[Path]:
 
 def read_records(path: str | Path, text_field: str = "text") -> list[Record]:
     """Every record of the jsonl file(s) under ``path``, checked but with no image read yet."""
-    records = [_record(file, number, raw, text_field)
-               for file in jsonl_files(path) for number, raw in jsonl_records(file)]
+    records = [_record(file, where, raw, text_field) for file in jsonl_files(path) for where, raw in json_records(file)]
     if not records:
         raise DataError(f"no samples in {path}")
     return records
 
 
-def _record(file: Path, number: int, raw, text_field: str) -> Record:
-    where = f"{file} line {number}"
+def _record(file: Path, where: str, raw, text_field: str) -> Record:
     text = text_of(raw, text_field, where)
     if "image" in raw and "images" in raw:
         raise DataError(f"{where} has both 'image' and 'images'; use one")

@@ -1,53 +1,68 @@
 """The training loop: set up the run from a TrainConfig, train, checkpoint, export.
 
 ``run_training`` is what every launched process calls (one process, or each
-torchrun worker). ``preflight`` repeats the cheap checks for the ``--nproc``
-parent so that bad input fails once, before any worker starts.
+torchrun worker). ``preflight`` holds the cheap checks, which the ``--nproc``
+parent runs too (``launch_workers``) so that bad input fails once, before any
+worker starts; the parent then holds the run dir for its workers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import huggingface_hub.errors
 import torch
 
+from hfpatch import zoo
 from hfpatch.environment import attention_summary, inspect_environment
 from hfpatch.runtime import AttentionBackendError, ParallelMode, current_device, fused_loss_kernel, gpc, parallel_context
 from hfpatch.runtime.attention import ENV_VAR as ATTENTION_ENV
 
 from . import faults
 from .build import build_model, compute_dtype, count_parameters, model_config, param_dtype, resolve_entry
-from .checkpoint import CheckpointManager, find_checkpoint
+from .checkpoint import CheckpointManager, checkpoints_at, complete_checkpoints, read_state
 from .config import TrainConfig, check_world_size
 from .dataset import RowStream
-from .errors import ConfigError, DataError, NonFiniteLossError, TrainError
+from .errors import ConfigError, DataError, Interrupted, NonFiniteLossError, TrainError, UnreadableCheckpointError
 from .export import export_hf
+from .interrupt import StopRequest, interrupted_message
 from .output_head import defer_output_projection, deferral_problem
-from .launch import attempt_scoped_process_group, world_info
+from .launch import INTERRUPT_STATUSES, attempt_scoped_process_group, run_torchrun, under_launcher, world_info
 from .metrics import MetricsLog, RunSummary, peak_flops, plot_loss, read_metrics, step_flops
 from .optim import build_optimizer, build_scheduler
 from .parallelize import parallelize
 from .progress import Progress
+from .rundir import claim_run_dir
 from .step import train_step
 from .workload import check_supported, describe_config, flops_shape, head_dim, load_workload
 
+# What transformers' config classes raise for values that do not fit together.
+CONFIG_VALIDATION_ERRORS = (ValueError, getattr(huggingface_hub.errors, "StrictDataclassError", ValueError))
 
-def preflight(cfg: TrainConfig, world: int) -> None:
-    """Checks that need no process group: sizes, model name, paths, model overrides."""
+
+def preflight(cfg: TrainConfig, world: int) -> zoo.Entry:
+    """Checks that need no process group: sizes, model name, paths, model overrides; the zoo entry."""
     check_world_size(cfg, world)
     entry = resolve_entry(cfg.model_name)
     check_supported(entry, cfg)
     for label, path in (("--data", cfg.data_path), ("--tokenizer", cfg.tokenizer_path), ("--model-path", cfg.model_path)):
         if path and not Path(path).exists():
             raise (DataError if label != "--model-path" else TrainError)(f"{label} {path} does not exist")
-    model_config(entry, cfg, vocab_size=None)
+    try:
+        model_config(entry, cfg, vocab_size=None)
+    except CONFIG_VALIDATION_ERRORS as exc:  # e.g. heads that do not divide hidden_size
+        settings = ", ".join(f"model.{k}={v!r}" for k, v in cfg.model_overrides.items()) or "no model.* settings"
+        reason = str(exc.__cause__ or exc).strip().splitlines()[-1].strip()
+        raise ConfigError(f"{entry.name} rejects the model config ({settings}): {reason}") from None
     _check_resume_option(cfg)
     _check_run_dir(cfg)
+    return entry
 
 
 def _check_resume_option(cfg: TrainConfig) -> None:
@@ -64,15 +79,30 @@ def _check_run_dir(cfg: TrainConfig) -> None:
                           f"{existing} is not a writable directory")
 
 
+def _starts_fresh(cfg: TrainConfig) -> bool:
+    """``--resume never`` on the first attempt; a torchrun restart resumes this run's own checkpoints."""
+    return cfg.resume == "never" and world_info().attempt == 0
+
+
+def launch_workers(cfg: TrainConfig, nproc: int, worker_args: list[str], max_restarts: int) -> int:
+    """``--nproc``: hold the run dir, run the workers under torchrun; their exit status."""
+    with claim_run_dir(cfg.run_dir, fresh=_starts_fresh(cfg)):
+        status = run_torchrun(nproc, worker_args, max_restarts)
+    if status in INTERRUPT_STATUSES:
+        latest = CheckpointManager(cfg.run_dir / "checkpoints", cfg.keep_checkpoints, rank=0).latest()
+        raise Interrupted(interrupted_message(status - 128, latest, cfg.run_dir), status - 128)
+    return status
+
+
 def run_training(cfg: TrainConfig) -> RunSummary:
     if cfg.attention_backend != "auto":  # what every attention call of this process reads
         os.environ[ATTENTION_ENV] = cfg.attention_backend
     info = world_info()
-    check_world_size(cfg, info.world)
-    entry = resolve_entry(cfg.model_name)
-    _check_resume_option(cfg)
-    _check_run_dir(cfg)
-    with attempt_scoped_process_group(), parallel_context(sequence_parallel=cfg.sp, weight_parallel=cfg.wp):
+    entry = preflight(cfg, info.world)
+    # One process holds the run dir: this one, rank 0 of a plain torchrun launch, or the --nproc launcher.
+    holds_run_dir = info.rank == 0 and not under_launcher()
+    claim = claim_run_dir(cfg.run_dir, fresh=_starts_fresh(cfg)) if holds_run_dir else contextlib.nullcontext()
+    with claim, attempt_scoped_process_group(), parallel_context(sequence_parallel=cfg.sp, weight_parallel=cfg.wp):
         return _Trainer(cfg, entry).run()
 
 
@@ -167,24 +197,42 @@ class _Trainer:
 
     # -- resume -----------------------------------------------------------------------
 
-    def resume(self) -> str | None:
+    def resume(self, log: Callable[[str], None]) -> str | None:
         cfg = self.cfg
-        if cfg.resume == "never":
-            if self.checkpoints.latest() is not None:
-                raise ConfigError(f"{self.checkpoints.root} already holds checkpoints; use --resume auto to continue, or another --out")
-            return None
+        if _starts_fresh(cfg):
+            return None  # an earlier run here was moved aside
         self.checkpoints.clean_partial()
-        path = self.checkpoints.latest() if cfg.resume == "auto" else find_checkpoint(Path(cfg.resume))
-        if path is None:
-            return None
-        saved = CheckpointManager.load(path, self.model, self.optimizer, rank=self.rank, world=self.world)
-        if saved["dataset_fingerprint"] != self.dataset.fingerprint:
-            raise ConfigError(
-                f"checkpoint {path} was trained on different data or seq_len; resume with the same data, or use another --out"
-            )
-        self.scheduler.load_state_dict(saved["scheduler"])
-        self.state = _State(step=saved["step"], rows_consumed=saved["rows_consumed"], tokens_seen=saved["tokens_seen"])
-        return str(path)
+        if cfg.resume == "auto":
+            candidates = complete_checkpoints(self.checkpoints.root)[::-1]
+            if not candidates:
+                log(f"no checkpoint in {self.checkpoints.root}: starting at step 1")
+                return None
+        else:
+            candidates = checkpoints_at(Path(cfg.resume))
+        for i, path in enumerate(candidates):  # newest first; an unreadable one falls back to the one before
+            try:
+                saved = read_state(path)
+                self.check_resumable(path, saved)
+                CheckpointManager.load(path, saved, self.model, self.optimizer, rank=self.rank, world=self.world)
+            except UnreadableCheckpointError as exc:
+                if i + 1 == len(candidates):
+                    raise UnreadableCheckpointError(
+                        f"{exc}; no older checkpoint to fall back to: start a new run with --resume never "
+                        f"(moves {self.run_dir} aside) or another --out") from None
+                log(f"warning: {exc}; falling back to {candidates[i + 1]}")
+                continue
+            self.scheduler.load_state_dict(saved["scheduler"])
+            self.state = _State(step=saved["step"], rows_consumed=saved["rows_consumed"], tokens_seen=saved["tokens_seen"])
+            return str(path)
+
+    def check_resumable(self, path: Path, saved: dict[str, Any]) -> None:
+        """The checkpoint is of this model and this data (its tensors are checked when loaded)."""
+        fresh = f"to start a new run instead, pass --resume never (moves {self.run_dir} aside) or another --out"
+        if saved.get("model", self.entry.name) != self.entry.name:
+            raise ConfigError(f"checkpoint {path} was saved by a {saved['model']} run, not {self.entry.name}; {fresh}")
+        if saved.get("dataset_fingerprint") != self.dataset.fingerprint:
+            raise ConfigError(f"checkpoint {path} was trained on different data or seq_len; resume with the same "
+                              f"--data and --seq-len, or {fresh}")
 
     def trainer_state(self) -> dict[str, Any]:
         return {
@@ -247,14 +295,15 @@ class _Trainer:
         self.setup()
         progress = Progress(enabled=self.is_main, total=self.cfg.total_steps, every=self.cfg.log_every)
         progress.log(self.describe())
-        resumed_from = self.resume()
+        resumed_from = self.resume(progress.log)
         if resumed_from:
             progress.log(f"resumed from {resumed_from} (step {self.state.step})")
         self.metrics.start(self.state.step)
         self.write_run_config()
         progress.begin(self.state.step)
         try:
-            records = self.train(progress)
+            with StopRequest() as stop:
+                records = self.train(progress, stop)
         finally:
             progress.close()
         return self.finish(records, resumed_from, time.perf_counter() - started)
@@ -265,8 +314,8 @@ class _Trainer:
             resolved = {"model": self.cfg.model_name, **self.cfg.tree}
             (self.run_dir / "config.json").write_text(json.dumps(resolved, indent=2, default=str))
 
-    def train(self, progress: Progress) -> list[dict[str, Any]]:
-        """Steps up to total_steps, checkpointing on schedule and at the end."""
+    def train(self, progress: Progress, stop: StopRequest) -> list[dict[str, Any]]:
+        """Steps up to total_steps, checkpointing on schedule, at the end, and when SIGINT/SIGTERM stops it."""
         cfg = self.cfg
         records, saved_step = [], self.state.step
         while self.state.step < cfg.total_steps:
@@ -283,6 +332,11 @@ class _Trainer:
             if cfg.save_checkpoints and cfg.checkpoint_every and self.state.step % cfg.checkpoint_every == 0:
                 self.save()
                 saved_step = self.state.step
+            signum = stop.agreed()
+            if signum:
+                saves = cfg.save_checkpoints and saved_step != self.state.step
+                latest = self.save() if saves else self.checkpoints.latest()
+                raise Interrupted(interrupted_message(signum, latest, self.run_dir), signum)
         if cfg.save_checkpoints and saved_step != self.state.step:
             self.save()
         return records

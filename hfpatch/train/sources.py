@@ -1,5 +1,7 @@
-"""Read training documents (text) from jsonl, parquet or an HF ``datasets`` dir.
+"""Read training documents (text) from JSON / JSON lines, parquet or an HF ``datasets`` dir.
 
+``.jsonl`` / ``.ndjson`` hold one record per line; ``.json`` one JSON array of records
+(or an object whose one list holds them), or JSON lines as HF ``datasets`` also accepts.
 pyarrow and datasets are imported only when such a source is given.
 """
 
@@ -12,7 +14,8 @@ from typing import Any, Iterable, Iterator
 from .errors import DataError
 from .hub import is_dataset_snapshot
 
-JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+JSON_LINES_SUFFIXES = (".jsonl", ".ndjson")
+JSONL_SUFFIXES = (*JSON_LINES_SUFFIXES, ".json")
 PARQUET_SUFFIXES = (".parquet",)
 
 
@@ -49,30 +52,55 @@ def _train_split(files: list[Path], root: Path) -> list[Path]:
 
 def _read_file(path: Path, text_field: str) -> list[str]:
     if path.suffix in JSONL_SUFFIXES:
-        return _read_jsonl(path, text_field)
+        return [text_of(record, text_field, where) for where, record in json_records(path)]
     if path.suffix in PARQUET_SUFFIXES:
         return _read_parquet(path, text_field)
     raise DataError(f"unsupported data file {path.name}: use .jsonl (a {text_field!r} field per line), .parquet, or a datasets dir")
 
 
-def jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed JSON) for each non-blank line of a jsonl file."""
+def _read_text(path: Path) -> str:
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise DataError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    for number, line in enumerate(lines, 1):
+
+
+def json_records(path: Path) -> Iterator[tuple[str, Any]]:
+    """(where, parsed record) for each record of a JSON lines or JSON file; ``where`` names it in messages."""
+    text = _read_text(path)
+    if path.suffix not in JSON_LINES_SUFFIXES:
+        try:
+            document = json.loads(text)
+        except json.JSONDecodeError as exc:
+            if exc.msg != "Extra data":  # "Extra data": one value per line, i.e. JSON lines
+                raise DataError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}); a .json file "
+                                f"is read as one JSON array of records, name a file of one record per line .jsonl") from None
+        else:
+            yield from ((f"{path} record {i}", record) for i, record in enumerate(_record_list(path, document), 1))
+            return
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DataError(f"{path} line {number} is not valid JSON ({exc.msg})") from None
-        yield number, record
+            raise DataError(f"{path} line {number} is not valid JSON ({exc.msg}); the file is read as JSON lines, "
+                            f"one record per line") from None
+        yield f"{path} line {number}", record
 
 
-def _read_jsonl(path: Path, text_field: str) -> list[str]:
-    return [text_of(record, text_field, f"{path} line {number}") for number, record in jsonl_records(path)]
+def _record_list(path: Path, document: Any) -> list:
+    """The records of a whole-file JSON document: an array, an object with one list of records, or one record."""
+    if isinstance(document, list):
+        return document
+    if not isinstance(document, dict):
+        raise DataError(f"{path} holds a JSON {type(document).__name__}; a .json data file must be an array of records "
+                        f"or an object with one list of them (for one record per line name it .jsonl)")
+    lists = [key for key, value in document.items() if isinstance(value, list) and value and all(isinstance(r, dict) for r in value)]
+    if len(lists) > 1:
+        raise DataError(f"{path} holds an object with several lists of records ({', '.join(map(repr, lists))}); "
+                        f"keep the training records in one list")
+    return document[lists[0]] if lists else [document]  # no list of records: the object is one record
 
 
 def text_of(record, text_field: str, where: str) -> str:
