@@ -45,6 +45,8 @@ class Entry:
     # official checkpoint config.json key -> our config attribute (e.g. InternLM1's "bias" -> "attention_bias")
     checkpoint_config_keys: dict = field(default_factory=dict, hash=False)
     test_config: dict = field(default_factory=dict, hash=False)
+    # how the conformance suite (tests/test_conformance.py) checks this entry: reference class, ISP layouts, ...
+    test: dict = field(default_factory=dict, hash=False)
     known_good_pins: tuple[str, ...] = ()
     notes: str = ""
 
@@ -80,7 +82,7 @@ def load_entry(manifest_path: Path) -> Entry:
         raise ZooError(f"{where}: {exc}") from None
     known = {"name", "seed_name", "aliases", "family", "description", "model_class", "upstream", "patch", "capabilities",
              "checkpoint",
-             "test_config", "known_good_pins", "notes"}
+             "test_config", "test", "known_good_pins", "notes"}
     unknown = set(data) - known
     if unknown:
         raise ZooError(f"{where}: unknown keys {sorted(unknown)}")
@@ -114,6 +116,7 @@ def load_entry(manifest_path: Path) -> Entry:
         model_class=data.get("model_class"),
         checkpoint_config_keys=dict(data.get("checkpoint", {}).get("config_keys", {})),
         test_config=dict(data.get("test_config", {})),
+        test=dict(data.get("test", {})),
         known_good_pins=tuple(data.get("known_good_pins", ())),
         notes=data.get("notes", ""),
     )

@@ -10,9 +10,9 @@ import torch
 import transformers
 from click.testing import CliRunner
 
-from hfpatch import actions, drift, pins, runtime, upstream, zoo
+from hfpatch import actions, drift, modeling, pins, runtime, upstream, zoo
 from hfpatch.cli import main
-from llama_cases import DOC_LENGTHS, documents, tiny_config
+from conformance import DEFAULT_DOCUMENTS, documents
 
 LEGACY = "4.57.6"
 
@@ -56,18 +56,18 @@ def test_refresh_rebases_onto_a_real_upstream_change_and_the_result_is_equivalen
     assert gnu.returncode == 0, gnu.stdout + gnu.stderr
     # the rebased 5.18 file still imports against the installed 5.17 package: prove it is equivalent
     module = _load(target, "refreshed_llama_518")
-    config = tiny_config()
+    config = modeling.tiny_config(llama)
     torch.manual_seed(0)
     patched = module.LlamaForCausalLM(config).double()
     reference = transformers.LlamaForCausalLM(config).double()
     reference.load_state_dict(patched.state_dict())
-    docs = documents(config.vocab_size)
+    docs = documents(DEFAULT_DOCUMENTS[0], config.vocab_size)
     row = runtime.build_packed_row(docs)
     with runtime.packed_batch(row.cu_seqlens, row.max_seqlen):
         packed = patched(input_ids=row.input_ids[None], position_ids=row.position_ids[None]).logits[0]
     alone = torch.cat([reference(input_ids=torch.tensor([d])).logits[0] for d in docs])
     torch.testing.assert_close(packed, alone, atol=1e-10, rtol=0)
-    assert packed.shape[0] == sum(DOC_LENGTHS)
+    assert packed.shape[0] == sum(DEFAULT_DOCUMENTS[0])
 
 
 def test_refresh_of_an_entry_that_reuses_a_patch_writes_the_pin_its_pins_read(zoo_copy):

@@ -7,7 +7,7 @@ import torch
 from hfpatch import runtime
 from hfpatch.train.offload import ActivationOffload
 from hfpatch.train.tiling import tile_mlps
-from llama_cases import documents, patched_and_reference
+from conformance import DEFAULT_DOCUMENTS, case, documents
 
 
 def _loss_and_grads(model, row, offload=None):
@@ -22,15 +22,15 @@ def _loss_and_grads(model, row, offload=None):
 
 @pytest.fixture(scope="module")
 def reference_run():
-    model, _ = patched_and_reference()
-    row = runtime.build_packed_row(documents(model.config.vocab_size))
+    model, _ = case("llama2").build({})
+    row = runtime.build_packed_row(documents(DEFAULT_DOCUMENTS[0], model.config.vocab_size))
     return model.state_dict(), row, _loss_and_grads(model, row)
 
 
 @pytest.mark.parametrize("offload,tile", [(True, 0), (False, 4), (True, 4)], ids=["offload", "tiled-mlp", "both"])
 def test_levers_under_checkpointing_equal_the_plain_model(reference_run, offload, tile):
     state, row, (want_loss, want_grads) = reference_run
-    model, _ = patched_and_reference()
+    model, _ = case("llama2").build({})
     model.load_state_dict(state)
     model.train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from decoder_cases import documents, patched_and_reference
+from conformance import DEFAULT_DOCUMENTS, case, documents
 from hfpatch import runtime
 from hfpatch.train.step import train_step
 
 
 @pytest.fixture(autouse=True)
-def _zoo(zoo_copy):
+def _zoo(session_zoo):
     yield
 
 
@@ -21,8 +21,8 @@ def _step_loss(model, batch, num_targets):
 
 
 def test_train_step_adds_the_router_aux_loss_of_the_real_tokens():
-    model, reference = patched_and_reference("mixtral", output_router_logits=True, router_aux_loss_coef=0.5)
-    docs = documents(model.config.vocab_size)
+    model, reference = case("mixtral").build({"output_router_logits": True, "router_aux_loss_coef": 0.5})
+    docs = documents(DEFAULT_DOCUMENTS[0], model.config.vocab_size)
     total = sum(len(d) for d in docs)
     row = runtime.build_packed_row(docs, seq_len=total + 5)  # 5 padding tokens the router must not count
     batch = runtime.shard_for_sequence_parallel(row, 0, 1)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conformance import case
 from test_train_common import TINY, cli_ok, metrics, module, torchrun, train_env  # noqa: F401
 
 COMMON = [*TINY, "--steps", "3", "--dtype", "float64", "--seed", "7"]
@@ -68,15 +69,12 @@ def test_checkpointed_layers_recompute_and_leave_the_grads_unchanged(train_env, 
     from hfpatch.train.parallelize import checkpoint_layers
 
     if name == "flux":
-        from flux_cases import BATCH_SHAPE, batch_inputs, make_samples, patched_and_reference
-
-        model, reference = patched_and_reference()
-        inputs = batch_inputs(make_samples(model.config, [BATCH_SHAPE] * 2))
+        adapter = case("flux")
+        model, reference = adapter.build({})
+        inputs = adapter.batch_inputs(adapter.samples(model.config, [adapter.ROW_SHAPE] * 2))
         loss_of = lambda m: (m(**inputs).sample ** 2).mean()  # noqa: E731
     else:
-        from llama_cases import patched_and_reference
-
-        model, reference = patched_and_reference(name)
+        model, reference = case(name).build({})
         ids = torch.randint(1, model.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(1))
         loss_of = lambda m: m(input_ids=ids, labels=ids).loss  # noqa: E731
     model.train(), reference.train()
