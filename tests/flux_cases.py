@@ -12,7 +12,9 @@ import torch
 
 from hfpatch import modeling, runtime, zoo
 # the packing contract is the trainer's own
-from hfpatch.train.diffusion import flow_matching_loss, forward_packed, image_ids, noised_sample, pack_samples, shard_pack
+from hfpatch.train.diffusion import (
+    batch_inputs, flow_matching_loss, forward_packed, image_ids, noised_sample, pack_samples, shard_pack,
+)
 
 # (latent height, latent width, text tokens) of the two packed samples: two resolutions, two text lengths;
 # 16 + 5 + 12 + 4 = 37 tokens, so sp=2 adds a one-token padding segment and a slice boundary inside sample 0
@@ -49,18 +51,6 @@ def make_samples(config, shapes=SAMPLES, seed: int = 0) -> list[dict]:
         samples.append(noised_sample(x0, noise, t, randn(text, config.joint_attention_dim),
                                      randn(config.pooled_projection_dim), image_ids(height, width)))
     return samples
-
-
-def batch_inputs(samples: list[dict]) -> dict:
-    """The unpacked layout: samples of one shape stacked in a batch (upstream's own API)."""
-    return {
-        "hidden_states": torch.stack([s["latents"] for s in samples]),
-        "encoder_hidden_states": torch.stack([s["encoder_hidden_states"] for s in samples]),
-        "pooled_projections": torch.stack([s["pooled_projections"] for s in samples]),
-        "timestep": torch.stack([s["timestep"] for s in samples]),
-        "img_ids": samples[0]["img_ids"],
-        "txt_ids": samples[0]["txt_ids"],
-    }
 
 
 def shard_batch(batch: dict, rank: int, sp: int) -> dict:
