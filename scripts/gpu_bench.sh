@@ -3,6 +3,8 @@
 # stages needing more GPUs than present run on what there is). Results: $RESULTS (default docs/bench).
 #   bash scripts/gpu_bench.sh max_length   # 7B max-length bisection (deadline $DEADLINE s, default 540)
 #   bash scripts/gpu_bench.sh suite        # kernel checks, attention, MFU, profiles, ISP vs CP, LLaVA/Flux runs
+#   bash scripts/gpu_bench.sh rows         # every zoo row: numerics, training, Mamba's scan, 2 GPUs ($RESULTS/rows,
+#                                          # $RESULTS/rows/gpu_rows.md; ~5 min, bounded by $ROWS_DEADLINE s, default 320)
 #   bash scripts/gpu_bench.sh fast         # one GPU: env, checks, attention, packing vs the liger peer, trainer vs bare
 # Each stage has its own timeout ($STAGE_TIMEOUT s); a failed stage is reported and the next one runs.
 set -uo pipefail
@@ -44,5 +46,9 @@ case "${1:-}" in
       --out "$RESULTS/train_fast" "${ARCH[@]}"
     stage python3 scripts/bench_packing.py --source trainer --tokens-per-step 16384 --steps 9 --warmup 3 \
       --contenders hfpatch --trainer-run "$RESULTS/train_fast" --out "$RESULTS/trainer_vs_bare.json" ;;
-  *) echo "usage: $0 max_length|suite|fast" >&2; exit 2 ;;
+  rows)
+    STAGE_TIMEOUT=$(( ${ROWS_DEADLINE:-320} + 60 )) stage python3 scripts/gpu_rows.py --out "$RESULTS/rows" --two-gpus \
+      --deadline "${ROWS_DEADLINE:-320}" ${ROWS_ARGS:-}
+    stage python3 scripts/gpu_rows_report.py "$RESULTS/rows" --out "$RESULTS/rows/gpu_rows.md" ;;
+  *) echo "usage: $0 max_length|suite|fast|rows" >&2; exit 2 ;;
 esac

@@ -522,14 +522,9 @@ class Latents:
     @staticmethod
     def batch_inputs(samples: list[dict]) -> dict:
         """Upstream's own (unpacked) layout: samples of one shape stacked in a batch."""
-        return {
-            "hidden_states": torch.stack([s["latents"] for s in samples]),
-            "encoder_hidden_states": torch.stack([s["encoder_hidden_states"] for s in samples]),
-            "pooled_projections": torch.stack([s["pooled_projections"] for s in samples]),
-            "timestep": torch.stack([s["timestep"] for s in samples]),
-            "img_ids": samples[0]["img_ids"],
-            "txt_ids": samples[0]["txt_ids"],
-        }
+        from hfpatch.train.diffusion import batch_inputs
+
+        return batch_inputs(samples)
 
     def check_no_runtime(self, patched, reference) -> None:
         samples = self.samples(patched.config, [self.ROW_SHAPE] * 2)

@@ -150,3 +150,16 @@ def test_sequence_parallel_slices_rebuild_the_pack_and_padded_keeps_the_targets(
     stats = step_stats(rows)
     assert stats.targets == int((padded["labels"] != IGNORE_INDEX).sum()) == int((full["labels"] != IGNORE_INDEX).sum())
     assert stats.real_tokens == 15 and stats.attention_pairs == 25 + 9 + 49
+
+
+def test_attention_flops_count_the_attention_each_family_has():
+    """MFU's attention term counts causal layers (6 x layers x width x squared document lengths): a decoder's
+    layers, Flux's non-causal layers twice, none for Mamba."""
+    from transformers import LlamaConfig, MambaConfig
+
+    from hfpatch.train.workload import flops_shape
+
+    assert flops_shape(LlamaConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4)) == (3, 64)
+    assert flops_shape(MambaConfig(hidden_size=32, num_hidden_layers=2)) == (0, 32)
+    flux = {"num_layers": 1, "num_single_layers": 2, "num_attention_heads": 2, "attention_head_dim": 8}
+    assert flops_shape(flux) == (6, 16)

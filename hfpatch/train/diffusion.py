@@ -203,29 +203,52 @@ def flux_stats(rows: Sequence[list[Latent]], seq_len: int) -> BatchStats:
     )
 
 
-def flux_micro_batch(rows: Sequence[list[Latent]], sp_rank: int, sp: int, *, noise_seed: int) -> dict[str, Any]:
-    """The rows' samples noised (t ~ U(0, 1) and the noise drawn from ``noise_seed``, the same on every ISP
-    rank), packed, and this ISP rank's slice of the pack."""
+def noised_samples(latents: Sequence[Latent], noise_seed: int) -> list[dict]:
+    """The latents noised, in order: t ~ U(0, 1) and the noise drawn from ``noise_seed`` (the same on every
+    ISP rank)."""
     generator = torch.Generator().manual_seed(noise_seed)
     samples = []
-    for s in (s for row in rows for s in row):
+    for s in latents:
         noise = torch.randn(s.x0.shape, generator=generator)
         t = torch.rand((), generator=generator)
         samples.append(noised_sample(s.x0, noise, t, s.encoder_hidden_states, s.pooled_projections,
                                      image_ids(s.height, s.width, torch.float32)))
+    return samples
+
+
+def flux_micro_batch(rows: Sequence[list[Latent]], sp_rank: int, sp: int, *, noise_seed: int) -> dict[str, Any]:
+    """The rows' samples noised (``noised_samples``), packed, and this ISP rank's slice of the pack."""
+    samples = noised_samples([s for row in rows for s in row], noise_seed)
     return shard_pack(pack_samples(samples, multiple=sp), sp_rank, sp)
+
+
+def batch_inputs(samples: list[dict]) -> dict:
+    """The unpacked layout: samples of one shape stacked in a batch, the model's own (upstream) inputs."""
+    return {
+        "hidden_states": torch.stack([s["latents"] for s in samples]),
+        "encoder_hidden_states": torch.stack([s["encoder_hidden_states"] for s in samples]),
+        "pooled_projections": torch.stack([s["pooled_projections"] for s in samples]),
+        "timestep": torch.stack([s["timestep"] for s in samples]),
+        "img_ids": samples[0]["img_ids"],
+        "txt_ids": samples[0]["txt_ids"],
+    }
+
+
+def move_inputs(batch: Mapping[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """Tensors to ``device``, floating ones in ``dtype`` except the rotary ids, which keep float32 (bf16 would
+    round large positions)."""
+    def move(key, value):
+        if not torch.is_tensor(value):
+            return value
+        cast = value.is_floating_point() and key not in ("img_ids", "txt_ids")
+        return value.to(device, dtype=dtype) if cast else value.to(device)
+
+    return {key: move(key, value) for key, value in batch.items()}
 
 
 def flux_loss(model: torch.nn.Module, batch: Mapping[str, Any], num_targets: int, device: torch.device,
               dtype: torch.dtype) -> torch.Tensor:
     """This rank's share of the step's flow-matching loss (``num_targets``: the step's global image tokens)."""
-    def move(key, value):
-        if not torch.is_tensor(value):
-            return value
-        # rotary ids keep float32: bf16 would round large positions
-        cast = value.is_floating_point() and key not in ("img_ids", "txt_ids")
-        return value.to(device, dtype=dtype) if cast else value.to(device)
-
-    local = {key: move(key, value) for key, value in batch.items()}
+    local = move_inputs(batch, device, dtype)
     pred = forward_packed(model, local)
     return flow_matching_loss(pred.float() if dtype == torch.bfloat16 else pred, local["target"], local["loss_mask"], num_targets)

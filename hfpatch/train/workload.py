@@ -157,10 +157,13 @@ def describe_config(config) -> str:
 
 
 def flops_shape(config) -> tuple[int, int]:
-    """(layers, hidden size) for the attention FLOPs estimate."""
+    """(layers, width) for the attention FLOPs estimate, which counts causal attention layers: Flux's attention is
+    non-causal (each layer twice a causal one's FLOPs), a state-space model (Mamba) has none."""
     if isinstance(config, dict):
-        return config["num_layers"] + config["num_single_layers"], config["num_attention_heads"] * config["attention_head_dim"]
+        return 2 * (config["num_layers"] + config["num_single_layers"]), config["num_attention_heads"] * config["attention_head_dim"]
     config = getattr(config, "text_config", None) or config
+    if getattr(config, "num_attention_heads", None) is None:
+        return 0, config.hidden_size
     return config.num_hidden_layers, config.hidden_size
 
 
