@@ -5,6 +5,8 @@
 #   bash scripts/gpu_bench.sh suite        # kernel checks, attention, MFU, profiles, ISP vs CP, LLaVA/Flux runs
 #   bash scripts/gpu_bench.sh rows         # every zoo row: numerics, training, Mamba's scan, 2 GPUs ($RESULTS/rows,
 #                                          # $RESULTS/rows/gpu_rows.md; ~5 min, bounded by $ROWS_DEADLINE s, default 320)
+#   bash scripts/gpu_bench.sh levers       # one GPU: peak memory and step time of the packing model at long rows,
+#                                          # memory levers off / --long-context (LEVER_TOKENS, default 65536 131072)
 #   bash scripts/gpu_bench.sh fast         # one GPU: env, checks, attention, packing vs the liger peer, trainer vs bare
 # Each stage has its own timeout ($STAGE_TIMEOUT s); a failed stage is reported and the next one runs.
 set -uo pipefail
@@ -50,5 +52,19 @@ case "${1:-}" in
     STAGE_TIMEOUT=$(( ${ROWS_DEADLINE:-320} + 60 )) stage python3 scripts/gpu_rows.py --out "$RESULTS/rows" --two-gpus \
       --deadline "${ROWS_DEADLINE:-320}" ${ROWS_ARGS:-}
     stage python3 scripts/gpu_rows_report.py "$RESULTS/rows" --out "$RESULTS/rows/gpu_rows.md" ;;
-  *) echo "usage: $0 max_length|suite|fast|rows" >&2; exit 2 ;;
+  levers)
+    # the embedded corpus repeated until it fills the longest row several times (documents as they are)
+    python3 -c 'import json, sys, pydoc_data.topics as t; docs = list(t.topics.values()) * 12
+open(sys.argv[1], "w").writelines(json.dumps({"text": d}) + "\n" for d in docs)' "$RESULTS/long_docs.jsonl"
+    ARCH=(--set model.hidden_size=2048 --set model.intermediate_size=5632 --set model.num_hidden_layers=16
+          --set model.num_attention_heads=16 --set model.num_key_value_heads=16 --set model.vocab_size=32000)
+    for tokens in ${LEVER_TOKENS:-65536 131072}; do
+      for levers in plain long-context; do
+        flags=(); [ "$levers" = long-context ] && flags=(--long-context)
+        stage python3 -m hfpatch.cli train llama2 --data "$RESULTS/long_docs.jsonl" --seq-len "$tokens" --micro-num 1 \
+          --overflow split --steps 3 --set log_every=1 --set save_checkpoints=false --no-compile "${flags[@]}" "${ARCH[@]}" \
+          --out "$RESULTS/levers_${levers}_$tokens"
+      done
+    done ;;
+  *) echo "usage: $0 max_length|suite|fast|rows|levers" >&2; exit 2 ;;
 esac

@@ -300,3 +300,15 @@ def test_json_files_are_arrays_or_json_lines_and_errors_say_which(tmp_path):
         with pytest.raises(DataError) as error:
             read_documents(_write(tmp_path / name, text))
         assert message in str(error.value)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--offload-activations"], "error: --offload-activations offloads the checkpointed layer inputs: it needs "
+                                "--activation-checkpointing (or --long-context)"),
+    (["--cpu-offload"], "error: --cpu-offload moves parameters off a GPU; this run has none (drop --cpu-offload)"),
+    (["--tile-mlp", "-1"], "error: --tile-mlp must be >= 0, got -1"),
+])
+def test_memory_levers_that_cannot_work_are_one_line(train_env, tmp_path, args, message):
+    result = cli("llama2", *TINY, *args, "--out", tmp_path / "run")
+    assert result.exit_code == 1 and error_lines(result) == [message]
+    assert not (tmp_path / "run").exists()

@@ -158,3 +158,12 @@ def test_compile_takes_dense_layers_whole_and_the_norms_of_moe_layers(train_env)
     # a mixture-of-experts block routes tokens data-dependently: only its norms compile
     moe = modeling.build_model(zoo.resolve("mixtral"))
     assert compile_decoder_layers(moe) == ["input_layernorm", "post_attention_layernorm"]
+
+
+def test_long_context_levers_change_nothing(reference, tmp_path):
+    """--long-context: checkpointing, activation offload (host copies on a CPU) and a 48-token MLP tile (several per
+    128-token pack, the last one short) give the reference curve and weights."""
+    result = cli_ok("llama2", *COMMON, "--long-context", "--tile-mlp", "48", "--out", tmp_path, "--export", tmp_path / "hf")
+    assert "activation checkpointing, activations offloaded to host, MLP in 48-token tiles" in result.output
+    assert_same_curve(tmp_path, reference)
+    assert_same_weights(tmp_path / "hf", reference / "hf")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch.nn as nn
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from .context import gpc
 
@@ -50,6 +50,7 @@ def apply_weight_parallel(
     mesh=None,
     reshard_after_forward: bool = True,
     mp_policy: MixedPrecisionPolicy | None = None,
+    offload_policy: OffloadPolicy | None = None,
     gradient_divide_factor: float | None = 1.0,
 ) -> nn.Module:
     """Shard ``model`` in place with FSDP2: each decoder layer, then the root
@@ -65,6 +66,8 @@ def apply_weight_parallel(
     kwargs = {"mesh": fsdp_mesh, "reshard_after_forward": reshard_after_forward}
     if mp_policy is not None:
         kwargs["mp_policy"] = mp_policy
+    if offload_policy is not None:
+        kwargs["offload_policy"] = offload_policy
     for layer in list(layers) if layers is not None else find_decoder_layers(model):
         fully_shard(layer, **kwargs)
     # The root (embeddings, final norm, output head) stays gathered from forward to backward, as

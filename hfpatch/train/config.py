@@ -144,6 +144,19 @@ SETTINGS: tuple[Setting, ...] = (
             choices=("auto", "fa4", "flash_attn", "torch_varlen", "reference"),
             default_help="auto: the fastest that can run here; `hfpatch env` says which"),
     Setting("model.init_std", 0.02, NUMBER, "std of the random init", minimum=0),
+    Setting("long_context", False, (bool,), "the long-sequence preset: activation checkpointing, activation offload "
+            "and the MLP tiled in 8192-token chunks, each unless set otherwise", flag="--long-context/--no-long-context",
+            default_help="off"),
+    Setting("offload_activations", None, (bool,), "the checkpointed layer inputs wait in pinned host memory "
+            "(copied on a side stream, prefetched in backward); needs activation checkpointing",
+            flag="--offload-activations/--no-offload-activations", default_help="with --long-context"),
+    Setting("tile_mlp", None, (int,), "run each dense MLP this many tokens at a time, recomputed in backward: its "
+            "intermediate activations never exist whole; 0 = off", flag="--tile-mlp", metavar="TOKENS", minimum=0,
+            default_help="8192 with --long-context, else 0"),
+    Setting("cpu_offload", False, (bool,), "FSDP2 keeps parameters, gradients and optimizer state in host memory "
+            "(the optimizer steps on the CPU)", flag="--cpu-offload/--no-cpu-offload", default_help="off"),
+    Setting("isp_overlap", 0, (int,), "ISP: exchange the heads in N groups so each group's all-to-alls overlap "
+            "another group's attention; 0 = one exchange", flag="--isp-overlap", metavar="N", minimum=0),
     Setting("loss_chunk", 0, (int,), "compute the LM loss this many tokens at a time, so the logits of a long sequence "
             "never exist whole (language models, LLaVA); 0 = off", flag="--loss-chunk", metavar="TOKENS", minimum=0),
     Setting("out", None, (str,), "run directory for checkpoints, metrics.jsonl, loss.png", flag="--out", metavar="DIR",
@@ -233,7 +246,7 @@ class _Resolution:
             previous = self.sources[setting.key]
             if previous.origin == source.origin and previous.key != setting.key:  # the other element, same file
                 source = Source(source.origin, f"{previous.key}, {source.key}")
-        checked = setting.check(value, setting.key if source.origin == "command line" else source.key)
+        checked = setting.check(value, (setting.flag_name or setting.key) if source.origin == "command line" else source.key)
         written = value if written is None else written
         if source.from_file and checked != written and isinstance(written, (str, int, float, bool)):
             source = Source(source.origin, source.key, f"{written!r}")
@@ -339,10 +352,12 @@ def _read_file(state: _Resolution, names: Mapping[str, Any], filename: str, fami
 
 
 def parse_assignment(text: str) -> tuple[str, Any]:
-    """``'data.seq_len=256'`` -> ``('data.seq_len', 256)``; non-literals stay strings."""
+    """``'data.seq_len=256'`` -> ``('data.seq_len', 256)``; true / false as on a shell; non-literals stay strings."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set expects KEY=VALUE, got {text!r}")
+    if raw.strip().lower() in ("true", "false"):
+        return key.strip(), raw.strip().lower() == "true"
     try:
         value = ast.literal_eval(raw.strip())
     except (ValueError, SyntaxError):

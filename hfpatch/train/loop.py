@@ -23,6 +23,7 @@ from hfpatch import zoo
 from hfpatch.environment import attention_summary, inspect_environment
 from hfpatch.runtime import AttentionBackendError, ParallelMode, current_device, fused_loss_kernel, gpc, parallel_context
 from hfpatch.runtime.attention import ENV_VAR as ATTENTION_ENV
+from hfpatch.runtime.isp import OVERLAP_ENV as ISP_OVERLAP_ENV
 
 from . import faults
 from .build import build_model, compute_dtype, count_parameters, model_config, param_dtype, resolve_entry
@@ -32,14 +33,17 @@ from .dataset import RowStream
 from .errors import ConfigError, DataError, Interrupted, NonFiniteLossError, TrainError, UnreadableCheckpointError
 from .export import export_hf
 from .interrupt import StopRequest, interrupted_message
+from .levers import resolve_levers
 from .output_head import defer_output_projection, deferral_problem
 from .launch import INTERRUPT_STATUSES, attempt_scoped_process_group, run_torchrun, under_launcher, world_info
+from .offload import ActivationOffload
 from .metrics import MetricsLog, RunSummary, peak_flops, plot_loss, read_metrics, step_flops
 from .optim import build_optimizer, build_scheduler
 from .parallelize import parallelize
 from .progress import Progress
 from .rundir import claim_run_dir
 from .step import train_step
+from .tiling import tile_mlps
 from .workload import check_supported, describe_config, flops_shape, head_dim, load_workload
 
 # What transformers' config classes raise for values that do not fit together.
@@ -62,6 +66,7 @@ def preflight(cfg: TrainConfig, world: int) -> zoo.Entry:
         raise ConfigError(f"{entry.name} rejects the model config ({settings}): {reason}") from None
     _check_resume_option(cfg)
     _check_run_dir(cfg)
+    resolve_levers(cfg, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     return entry
 
 
@@ -97,6 +102,8 @@ def launch_workers(cfg: TrainConfig, nproc: int, worker_args: list[str], max_res
 def run_training(cfg: TrainConfig) -> RunSummary:
     if cfg.attention_backend != "auto":  # what every attention call of this process reads
         os.environ[ATTENTION_ENV] = cfg.attention_backend
+    if cfg.isp_overlap:
+        os.environ[ISP_OVERLAP_ENV] = str(cfg.isp_overlap)
     info = world_info()
     entry = preflight(cfg, info.world)
     # One process holds the run dir: this one, rank 0 of a plain torchrun launch, or the --nproc launcher.
@@ -136,6 +143,7 @@ class _Trainer:
         self.tokenizer, self.dataset, self.source = self.workload.tokenizer, self.workload.dataset, self.workload.source
         self.config = self.workload.config
         self.attention = self.attention_backend()  # a backend asked for that cannot run fails here, before the model
+        self.levers = resolve_levers(cfg, self.device)
         model = build_model(self.entry, cfg, self.config, self.device)
         if self.workload.prepare_model is not None:
             self.workload.prepare_model(model)
@@ -144,11 +152,15 @@ class _Trainer:
             defer_output_projection(model, self.entry.name, "--fused-loss")
         elif cfg.loss_chunk:
             defer_output_projection(model, self.entry.name)
+        if self.levers.tile_mlp:
+            tile_mlps(model, self.levers.tile_mlp)
         self.params, self.matmul_params = count_parameters(model)
         self.model = parallelize(
-            model, world=self.world, activation_checkpointing=cfg.activation_checkpointing,
+            model, world=self.world, activation_checkpointing=self.levers.checkpointing,
             compute_dtype=compute_dtype(cfg.dtype, self.device), compile_layers=self.compile,
+            cpu_offload=self.levers.cpu_offload,
         )
+        self.activation_offload = ActivationOffload() if self.levers.offload_activations else None
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.stream = RowStream(len(self.dataset.rows), cfg.seed)
@@ -158,8 +170,11 @@ class _Trainer:
 
     @property
     def compile(self) -> bool:
-        """--compile, by default on a GPU (where it fuses the elementwise half of the step)."""
-        return self.cfg.compile if self.cfg.compile is not None else self.device.type == "cuda"
+        """--compile, by default on a GPU (where it fuses the elementwise half of the step) unless activations
+        are offloaded or the MLP tiled (long sequences, where attention dominates the step)."""
+        if self.cfg.compile is not None:
+            return self.cfg.compile
+        return self.device.type == "cuda" and not (self.levers.offload_activations or self.levers.tile_mlp)
 
     def use_fused_loss(self, model) -> bool:
         """--fused-loss, by default on a GPU for a causal LM whose head is a plain projection."""
@@ -175,7 +190,8 @@ class _Trainer:
             f"world {self.world} = dp {self.dp} x sp {self.sp}, wp {cfg.wp}, device {self.device.type}, "
             f"attention {self.attention}{', decoder layers compiled' if self.compile else ''}"
             f"{f', fused linear loss ({fused_loss_kernel(self.device)})' if self.fused_loss else ''}"
-            f"{f', loss in {cfg.loss_chunk}-token chunks' if cfg.loss_chunk and not self.fused_loss else ''}\n"
+            f"{f', loss in {cfg.loss_chunk}-token chunks' if cfg.loss_chunk and not self.fused_loss else ''}"
+            f"{''.join(', ' + lever for lever in self.levers.describe())}\n"
             f"data: {self.source}: {data.num_documents} documents, {data.num_tokens:,} tokens -> {len(data.rows)} rows "
             f"of {data.seq_len} ({'packed' if cfg.packed else 'padded batches'}; packing efficiency {data.efficiency:.1%}); "
             f"tokenizer: {self.workload.tokenizer_source}\n"
@@ -271,7 +287,7 @@ class _Trainer:
             num_targets=stats.targets, packed=cfg.packed, device=self.device,
             clip_grad_norm=float(cfg.clip_grad_norm), step=step, rank=self.rank,
             loss_fn=self.workload.loss, input_dtype=param_dtype(cfg.dtype, self.device), loss_chunk=cfg.loss_chunk,
-            fused_loss=self.fused_loss,
+            fused_loss=self.fused_loss, activation_offload=self.activation_offload,
         )
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

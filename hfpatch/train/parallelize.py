@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.utils.checkpoint
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy
 
 from hfpatch.runtime import apply_weight_parallel, find_decoder_layers
 
@@ -69,20 +69,21 @@ def _recompute_in_backward(layer: torch.nn.Module) -> None:
 
 def parallelize(
     model: torch.nn.Module, *, world: int, activation_checkpointing: bool | float, compute_dtype: torch.dtype | None = None,
-    compile_layers: bool = False,
+    compile_layers: bool = False, cpu_offload: bool = False,
 ) -> torch.nn.Module:
-    """FSDP2 whenever there is more than one rank or mixed precision is wanted (one GPU too).
+    """FSDP2 whenever there is more than one rank, mixed precision or host offload is wanted (one GPU too).
 
-    ``activation_checkpointing``: True / False, or the fraction of decoder layers that recompute."""
+    ``activation_checkpointing``: True / False, or the fraction of decoder layers that recompute.
+    ``cpu_offload``: FSDP2 keeps the sharded parameters, their gradients (and so the optimizer) on the host."""
     if compile_layers:
         compile_decoder_layers(model)
     if activation_checkpointing:
         checkpoint_layers(model, float(activation_checkpointing))
-    if world > 1 or compute_dtype is not None:
+    if world > 1 or compute_dtype is not None or cpu_offload:
         # Every rank (ISP and data parallel alike) holds part of the gradient, and
         # the loss is already normalised by the global token count: FSDP2 sums.
         policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype else None
-        apply_weight_parallel(model, mp_policy=policy)
+        apply_weight_parallel(model, mp_policy=policy, offload_policy=CPUOffloadPolicy() if cpu_offload else None)
         if dist.get_backend() == "gloo":
             _force_sum_reductions(model)
     return model

@@ -7,6 +7,7 @@ those of the single-process mean loss, whatever sp / dp / micro_num are.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -59,6 +60,29 @@ def _grad_norm(model: torch.nn.Module, max_norm: float) -> float:
     return float(norm)
 
 
+def _micro_batch_loss(model, batch, *, num_targets, packed, device, loss_fn, input_dtype, loss_chunk, fused_loss,
+                      aux_coef, packs_per_step) -> torch.Tensor:
+    if loss_fn is not None:
+        return loss_fn(model, batch, num_targets, device)
+    if packed:
+        set_packed_batch(batch["cu_seqlens"], batch["max_seqlen"], device=device)
+    else:
+        clear_packed_batch()
+    output = model(**_forward_inputs(batch, device, aux_coef > 0, input_dtype))
+    labels = batch["labels"].to(device)
+    if fused_loss:
+        loss = fused_linear_causal_lm_loss(output.logits, output_weight(model), labels,
+                                           num_valid_tokens=num_targets, chunk_tokens=loss_chunk or 4096)
+    elif loss_chunk:
+        loss = chunked_causal_lm_loss(output.logits, output_weight(model), labels, chunk_tokens=loss_chunk,
+                                      num_valid_tokens=num_targets)
+    else:
+        loss = causal_lm_loss(output.logits, labels, num_valid_tokens=num_targets)
+    if aux_coef > 0 and output.aux_loss is not None:
+        loss = loss + aux_coef * output.aux_loss / packs_per_step
+    return loss
+
+
 def train_step(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -75,12 +99,15 @@ def train_step(
     input_dtype: torch.dtype | None = None,
     loss_chunk: int = 0,
     fused_loss: bool = False,
+    activation_offload: contextlib.AbstractContextManager | None = None,
 ) -> StepResult:
     """``loss_fn(model, batch, num_targets, device)``: this rank's share of a micro-batch's loss
     (Flux's flow matching); None for the causal LM loss. ``input_dtype``: of pixel_values.
     ``loss_chunk``: the model returns hidden states (``output_head.defer_output_projection``) and
     the causal LM loss projects them this many tokens at a time. ``fused_loss``: the model returns hidden
-    states too and the projection runs fused into the cross entropy (``fused_linear_causal_lm_loss``)."""
+    states too and the projection runs fused into the cross entropy (``fused_linear_causal_lm_loss``).
+    ``activation_offload``: entered around each micro-batch's forward and loss (``offload.ActivationOffload``);
+    backward runs outside it."""
     lr = scheduler.get_last_lr()[0]
     loss_sum = torch.zeros((), device=device)
     aux_coef = _router_aux_coef(model)
@@ -88,25 +115,10 @@ def train_step(
     packs_per_step = len(micro_batches) * max(gpc.get_world_size(ParallelMode.DATA), 1)
     for index, batch in enumerate(micro_batches):
         set_gradient_sync(model, index == len(micro_batches) - 1)
-        if loss_fn is not None:
-            loss = loss_fn(model, batch, num_targets, device)
-        else:
-            if packed:
-                set_packed_batch(batch["cu_seqlens"], batch["max_seqlen"], device=device)
-            else:
-                clear_packed_batch()
-            output = model(**_forward_inputs(batch, device, aux_coef > 0, input_dtype))
-            labels = batch["labels"].to(device)
-            if fused_loss:
-                loss = fused_linear_causal_lm_loss(output.logits, output_weight(model), labels,
-                                                   num_valid_tokens=num_targets, chunk_tokens=loss_chunk or 4096)
-            elif loss_chunk:
-                loss = chunked_causal_lm_loss(output.logits, output_weight(model), labels, chunk_tokens=loss_chunk,
-                                              num_valid_tokens=num_targets)
-            else:
-                loss = causal_lm_loss(output.logits, labels, num_valid_tokens=num_targets)
-            if aux_coef > 0 and output.aux_loss is not None:
-                loss = loss + aux_coef * output.aux_loss / packs_per_step
+        with activation_offload or contextlib.nullcontext():
+            loss = _micro_batch_loss(model, batch, num_targets=num_targets, packed=packed, device=device,
+                                     loss_fn=loss_fn, input_dtype=input_dtype, loss_chunk=loss_chunk,
+                                     fused_loss=fused_loss, aux_coef=aux_coef, packs_per_step=packs_per_step)
         loss = faults.maybe_poison(loss, step, rank)
         loss.backward()
         loss_sum += loss.detach().float()
