@@ -2,21 +2,37 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import sys
+from pathlib import Path
 from types import ModuleType
 
-from hfpatch import actions, pins, upstream, zoo
+from hfpatch import actions, engines, files, patching, pins, upstream, zoo
 from hfpatch.zoo import Entry
 
-def ensure_patched(entry: Entry, entries: list[Entry] | None = None) -> None:
-    """Sync and apply the hfpatch-engine patch if the zoo file is not patched yet."""
-    state = actions.file_state(entry, entry.patch_target, entries).state
-    if state == "patched":
-        return
-    if state.startswith("patched"):
-        raise actions.ActionError(f"{entry.name}: the zoo file is {state}; `hfpatch revert {entry.name}` first")
-    actions.apply(entry, entries=entries)
+def patched_copy(entry: Entry, entries: list[Entry] | None = None) -> Path:
+    """A directory holding the entry's pinned files with the patch applied, keyed by their content.
+
+    Built in hfpatch's cache from the pinned upstream bytes, never from the zoo checkout: training
+    leaves the user's files as they are (`hfpatch status` is unchanged) and the same bytes are
+    imported whatever state the zoo files are in.
+    """
+    pin = pins.active_pin(entry, entries)
+    contents = {name: actions.pinned_bytes(entry, name, pin) for name in sorted(pin.hashes)}
+    (file_patch,) = patching.parse_patch(actions.patch_text(entry, engines.DEFAULT_ENGINE, entries, pin))
+    planned = patching.plan_file(entry.patch_target, contents[entry.patch_target], file_patch)
+    contents[entry.patch_target] = planned.new_bytes
+    digest = hashlib.sha256()
+    for name, data in contents.items():
+        digest.update(f"{name}\0{len(data)}\0".encode() + data)
+    directory = files.cache_dir() / "patched" / f"{entry.name}-{digest.hexdigest()[:16]}"
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, data in contents.items():
+        path = directory / name
+        if not path.is_file() or files.read_bytes(path) != data:
+            files.atomic_write(path, data)
+    return directory
 
 
 def check_installed_pin(entry: Entry, entries: list[Entry] | None = None) -> None:
@@ -32,13 +48,12 @@ def check_installed_pin(entry: Entry, entries: list[Entry] | None = None) -> Non
 
 
 def load_patched_module(entry: Entry, entries: list[Entry] | None = None) -> ModuleType:
-    """The patched modeling module, imported from the zoo dir under a private name."""
+    """The patched modeling module, imported from :func:`patched_copy` under a private name."""
     check_installed_pin(entry, entries)
-    ensure_patched(entry, entries)
     name = f"hfpatch_zoo.{entry.name}.{entry.patch_target.removesuffix('.py')}"
     if name in sys.modules:
         return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, entry.directory / entry.patch_target)
+    spec = importlib.util.spec_from_file_location(name, patched_copy(entry, entries) / entry.patch_target)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     try:

@@ -7,6 +7,7 @@ import sys
 import pytest
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from hfpatch import actions, zoo
 from test_train_common import REPO, TINY, cli, train_env  # noqa: F401
 
 
@@ -83,3 +84,13 @@ def test_print_config_and_module_entry_point(train_env, tmp_path):
     assert proc.returncode == 0
     for option in ("--sp", "--wp", "--nproc", "--export", "--resume", "--packed / --padded", "--activation-checkpointing"):
         assert option in proc.stdout
+
+
+def test_training_leaves_the_zoo_files_as_they_are(train_env, tmp_path):
+    """The trainer imports a patched copy from the cache; the user's zoo checkout is not touched."""
+    entry = zoo.resolve("llama2")
+    actions.sync(entry)
+    before = actions.status(entry)
+    result = cli("llama2", *TINY, "--steps", "1", "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    assert actions.status(entry) == before and {s.state for s in before} == {"pristine"}
