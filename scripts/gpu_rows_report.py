@@ -55,7 +55,7 @@ def _run_tokens(run: dict | None) -> str:
     if not run:
         return "not run"
     if not run.get("steps"):
-        return _short(run.get("status", "not run"))
+        return _short(run.get("stopped") or run.get("status", "not run"))
     partial = f" ({run['steps']} steps)" if run.get("stopped") else ""
     return _tokens(run["tokens_per_s"]) + partial
 
