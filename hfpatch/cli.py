@@ -67,7 +67,7 @@ def show(model):
     click.echo(f"  directory:    {entry.relative_dir}")
     click.echo(f"  aliases:      {', '.join(entry.aliases)}")
     click.echo(f"  family:       {entry.family}")
-    click.echo(f"  upstream:     " + (f"{up.package}=={up.version} {up.path}" if up.kind == "package" else "first-party port"))
+    click.echo("  upstream:     " + (f"{up.package}=={up.version} {up.path}" if up.kind == "package" else "first-party port"))
     click.echo(f"  patch:        {entry.patch_state}" + (f" (reuses {entry.patch_from})" if entry.patch_from else ""))
     click.echo("  capabilities: " + ", ".join(f"{k} {_mark(v)}" for k, v in entry.capabilities.items()))
     if entry.known_good_pins:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import os
 import re
 import stat
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 from hfpatch.errors import UserError
 
@@ -122,3 +124,17 @@ def remove_stale_temps(directory: Path, older_than: float | None = None) -> list
                 continue
         removed.append(path)
     return removed
+
+
+@contextlib.contextmanager
+def file_lock(key: str) -> Iterator[None]:
+    """An exclusive lock shared by every process on this machine that uses ``key`` (in the cache dir)."""
+    lock_dir = cache_dir() / "locks"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    path = lock_dir / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".lock")
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

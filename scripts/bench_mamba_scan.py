@@ -69,7 +69,8 @@ def main():
         rows.append({"length": length, "token_loop_s": loop_s, "parallel_scan_s": scan_s, "speedup": loop_s / scan_s,
                      "max_abs_difference": error})
         print(json.dumps(rows[-1]), flush=True)
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads"
+    cpu = f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads"
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu
     report = {"device": device, "torch": torch.__version__, "channels": args.channels, "state": args.state,
               "dtype": "float32", "what": "forward + backward", "rows": rows}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

@@ -26,7 +26,7 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from conformance import ATOL, unpatched_port_class
-from hfpatch import actions, engines, modeling, pins, runtime, zoo
+from hfpatch import engines, modeling, pins, zoo
 from hfpatch.cli import main as cli
 
 

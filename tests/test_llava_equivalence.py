@@ -94,7 +94,7 @@ def test_patch_imports_only_the_runtime_api_and_renders_for_internevo(zoo_copy, 
     text = pins.default_patch_path(zoo.resolve("llava")).read_text()
     for line in engines.ENGINE_IMPORTS["hfpatch"]:
         assert text.count(f"\n+{line}\n") == 1
-    hfpatch_imports = [l for l in text.splitlines() if l.startswith("+") and "hfpatch" in l and "import" in l]
+    hfpatch_imports = [line for line in text.splitlines() if line.startswith("+") and "hfpatch" in line and "import" in line]
     assert len(hfpatch_imports) == 4
     runner = CliRunner()
     for args in (["sync", "llava"], ["apply", "llava", "--engine", "internevo"]):

@@ -147,7 +147,8 @@ def _call(cu, total=36, max_len=24, **kw):
         (torch.tensor([1, 12, 36], dtype=torch.int32), ValueError, "must start at 0"),
         (torch.tensor([0, 20, 12, 36], dtype=torch.int32), ValueError, "must be non-decreasing"),
         (torch.tensor([0, 12, 30], dtype=torch.int32), ValueError, "ends at 30 but the pack has 36 tokens"),
-        (torch.tensor([0, 30, 36], dtype=torch.int32), ValueError, "max_seqlen=24 for cu_seqlens_q is smaller than its longest segment (30)"),
+        (torch.tensor([0, 30, 36], dtype=torch.int32), ValueError,
+         "max_seqlen=24 for cu_seqlens_q is smaller than its longest segment (30)"),
     ],
 )
 def test_cu_seqlens_errors(cu, exc, message):
@@ -177,14 +178,16 @@ def test_unavailable_backends_name_what_is_missing(monkeypatch):
     try:
         import flash_attn  # noqa: F401
     except ImportError:
-        with pytest.raises(AttentionBackendError, match=r"'flash_attn' was requested \(argument\) but cannot run: flash-attn 2 is not importable"):
+        wanted = r"'flash_attn' was requested \(argument\) but cannot run: flash-attn 2 is not importable"
+        with pytest.raises(AttentionBackendError, match=wanted):
             resolve_backend("flash_attn", q)
         monkeypatch.setenv("HFPATCH_ATTN_BACKEND", "fa4")
         with pytest.raises(AttentionBackendError, match=r"'fa4' was requested \(HFPATCH_ATTN_BACKEND\).*flash_attn.cute"):
             resolve_backend(None, q)
         monkeypatch.delenv("HFPATCH_ATTN_BACKEND")
     # torch varlen exists on torch >= 2.10 but needs CUDA half tensors.
-    with pytest.raises(AttentionBackendError, match=r"'torch_varlen'.*(needs CUDA tensors in float16/bfloat16, got cpu torch.float32|varlen_attn)"):
+    wanted = r"'torch_varlen'.*(needs CUDA tensors in float16/bfloat16, got cpu torch.float32|varlen_attn)"
+    with pytest.raises(AttentionBackendError, match=wanted):
         _call(torch.tensor([0, 12, 36], dtype=torch.int32), backend="torch_varlen")
     with pytest.raises(ValueError, match="unknown attention backend 'nope'"):
         resolve_backend("nope", q)

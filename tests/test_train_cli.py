@@ -27,9 +27,11 @@ def small_model_dir(tmp_path):
 
 CASES = {
     "unknown model": (lambda t: ["lama2"], "error: unknown model 'lama2'; did you mean"),
-    "option an image model does not take": (lambda t: ["flux", "--padded"], "error: --padded is not supported for flux (diffusion-transformer) yet"),
-    "missing data file": (lambda t: ["llama2", "--data", t / "missing.jsonl"], f"does not exist"),
-    "corrupt data file": (lambda t: ["llama2", "--data", _write(t / "bad.jsonl", '{"text": "a"}\n{"text": \n')], "bad.jsonl line 2 is not valid JSON"),
+    "option an image model does not take": (
+        lambda t: ["flux", "--padded"], "error: --padded is not supported for flux (diffusion-transformer) yet"),
+    "missing data file": (lambda t: ["llama2", "--data", t / "missing.jsonl"], "does not exist"),
+    "corrupt data file": (
+        lambda t: ["llama2", "--data", _write(t / "bad.jsonl", '{"text": "a"}\n{"text": \n')], "bad.jsonl line 2 is not valid JSON"),
     "empty dataset": (lambda t: ["llama2", "--data", _write(t / "empty.jsonl", "")], "no documents with text"),
     "document longer than seq_len": (
         lambda t: ["llama2", "--data", jsonl(t / "long.jsonl", ["short", "word " * 400])],

@@ -119,7 +119,8 @@ def test_packing_restarts_positions_and_masks_document_ends():
 
 
 def test_document_longer_than_seq_len_says_what_to_do():
-    with pytest.raises(DataError, match="document 1 of t has 9 tokens, more than seq_len=8; raise --seq-len or split long documents with --overflow split"):
+    wanted = "document 1 of t has 9 tokens, more than seq_len=8; raise --seq-len or split long documents with --overflow split"
+    with pytest.raises(DataError, match=wanted):
         build_packed_dataset([[1, 2], list(range(9))], 8, pad_id=0, overflow="error", source="t")
     split = build_packed_dataset([[1, 2], list(range(9))], 8, pad_id=0, overflow="split", source="t")
     assert split.num_tokens == 11

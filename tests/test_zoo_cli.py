@@ -112,17 +112,16 @@ def test_absolutize_imports_rule():
 
 
 def test_one_cache_dir_hfpatch_cache_then_xdg_cache_home(monkeypatch, tmp_path):
-    """Wheels (upstream) and tokenizers (trainer) share one cache dir; it follows $XDG_CACHE_HOME."""
+    """Wheels (upstream), tokenizers and patched copies (trainer) share one cache dir; it follows $XDG_CACHE_HOME."""
     from hfpatch import files
-    from hfpatch.train.cache import cache_dir as trainer_cache_dir
 
     monkeypatch.delenv("HFPATCH_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert files.cache_dir() == trainer_cache_dir() == tmp_path / "xdg" / "hfpatch"
+    assert files.cache_dir() == tmp_path / "xdg" / "hfpatch"
     with pytest.raises(upstream.UpstreamError, match=str(tmp_path / "xdg" / "hfpatch" / "wheels")):
         upstream.wheel_path("transformers", "0.0.0", fetch=False)
     monkeypatch.setenv("HFPATCH_CACHE", str(tmp_path / "mine"))
-    assert files.cache_dir() == trainer_cache_dir() == tmp_path / "mine"
+    assert files.cache_dir() == tmp_path / "mine"
 
 
 def test_internevo_engine_gives_the_seed_imports_and_compiles(zoo_copy, tmp_path):

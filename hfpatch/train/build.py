@@ -16,9 +16,8 @@ from typing import Any, Iterator, Mapping
 
 import torch
 
-from hfpatch import modeling, zoo
+from hfpatch import files, modeling, zoo
 
-from .cache import file_lock
 from .config import TrainConfig
 from .errors import ConfigError, DataError, TrainError
 
@@ -47,12 +46,12 @@ def trainable_models() -> list[str]:
 
 def model_class(entry: zoo.Entry) -> type:
     """The patched class; a file lock keeps concurrent ranks from syncing/patching at once."""
-    with file_lock(str(entry.directory.resolve())):
+    with files.file_lock(str(entry.directory.resolve())):
         return modeling.model_class(entry)
 
 
 def tiny_config(entry: zoo.Entry, **overrides):
-    with file_lock(str(entry.directory.resolve())):
+    with files.file_lock(str(entry.directory.resolve())):
         return modeling.tiny_config(entry, **overrides)
 
 

@@ -63,7 +63,8 @@ def _report_interrupt(message: str) -> None:
 @setting_options
 @click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE", help="any config key, e.g. --set model.hidden_size=128")
 @click.option("--nproc", type=click.IntRange(min=1), help="start N local processes with torchrun")
-@click.option("--max-restarts", type=click.IntRange(min=0), default=0, show_default=True, help="with --nproc: torchrun restarts after a worker failure")
+@click.option("--max-restarts", type=click.IntRange(min=0), default=0, show_default=True,
+              help="with --nproc: torchrun restarts after a worker failure")
 @click.option("--print-config", is_flag=True, help="print the resolved config as JSON, with the source of each value, and exit")
 @click.pass_context
 def train(ctx, model, config_file, assignments, nproc, max_restarts, print_config, **options):

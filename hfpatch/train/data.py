@@ -66,4 +66,5 @@ def load_dataset(cfg: TrainConfig, rank: int) -> tuple[TextTokenizer, PackedData
 def check_vocab(dataset: PackedDataset, vocab_size: int, source: str) -> None:
     largest = max(int(row.input_ids.max()) for row in dataset.rows)
     if largest >= vocab_size:
-        raise DataError(f"{source} has token id {largest}, outside the model's vocab_size={vocab_size}; the tokenizer does not match the model")
+        raise DataError(f"{source} has token id {largest}, outside the model's vocab_size={vocab_size}; "
+                        "the tokenizer does not match the model")

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from hfpatch.runtime import PackedRow, pack_documents
+from hfpatch.runtime import pack_documents
 
 from .errors import DataError
 

@@ -166,7 +166,8 @@ def synthetic_latents(config: Mapping[str, Any], *, count: int, seq_len: int, se
     class_pattern = torch.randn(CLASSES, 3, channels, generator=generator)
     shapes = [(h, w) for h, w in RESOLUTIONS if h * w + 12 <= seq_len]
     if not shapes:
-        raise DataError(f"seq_len={seq_len} is too short for the synthetic Flux latents (at least {min(h * w for h, w in RESOLUTIONS) + 12} tokens)")
+        shortest = min(h * w for h, w in RESOLUTIONS) + 12
+        raise DataError(f"seq_len={seq_len} is too short for the synthetic Flux latents (at least {shortest} tokens)")
     samples = []
     for _ in range(count):
         label = int(torch.randint(CLASSES, (), generator=generator))

@@ -52,7 +52,8 @@ def sample_files(path: str | Path) -> list[Path]:
         raise DataError(f"data path {path} does not exist")
     if path.is_file():
         if path.suffix != SUFFIX:
-            raise DataError(f"unsupported Flux data file {path.name}: use a dir of {SUFFIX} files (latents, prompt_embeds, pooled_prompt_embeds)")
+            raise DataError(f"unsupported Flux data file {path.name}: use a dir of {SUFFIX} files "
+                            "(latents, prompt_embeds, pooled_prompt_embeds)")
         return [path]
     files = sorted(p for p in path.rglob(f"*{SUFFIX}") if p.is_file())
     if not files:

@@ -10,6 +10,8 @@ from typing import Any, Iterable
 
 import torch
 
+from hfpatch import files
+
 from .batches import BatchStats
 
 # Dense bf16 peak per GPU, TFLOP/s; $HFPATCH_PEAK_TFLOPS overrides.
@@ -48,9 +50,7 @@ class MetricsLog:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resumed_step] if resumed_step else []
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-        os.replace(tmp, self.path)
+        files.atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode("utf-8"))
 
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
@@ -128,7 +128,8 @@ def format_summary(summary: RunSummary) -> str:
     if summary.resumed_from:
         rows.append(("resumed from", summary.resumed_from))
     if records:
-        rows.append(("loss", f"{records[0]['loss']:.4f} (step {records[0]['step']}) -> {records[-1]['loss']:.4f} (step {records[-1]['step']}), min {min(r['loss'] for r in records):.4f}"))
+        first, last, lowest = records[0], records[-1], min(r["loss"] for r in records)
+        rows.append(("loss", f"{first['loss']:.4f} (step {first['step']}) -> {last['loss']:.4f} (step {last['step']}), min {lowest:.4f}"))
         rows.append(("tokens", f"{summary.tokens:,}"))
         rows.append(("tokens/s", f"{_mean(r['tokens_per_s'] for r in records[1:] or records):,.0f} (mean, first step excluded)"))
         rows.append(("packing efficiency", f"{_mean(r['packing_efficiency'] for r in records):.1%}"))

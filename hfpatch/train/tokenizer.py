@@ -9,8 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from hfpatch import files
+
 from . import corpus
-from .cache import atomic_write_text, cache_dir, file_lock
 from .errors import DataError
 
 DEFAULT_VOCAB_SIZE = 1024
@@ -102,12 +103,13 @@ def train_bpe(texts: Sequence[str], vocab_size: int = DEFAULT_VOCAB_SIZE) -> str
 
 def default_tokenizer_json(texts: Sequence[str], vocab_size: int = DEFAULT_VOCAB_SIZE) -> str:
     """The embedded BPE, trained once and cached under the hfpatch cache dir."""
-    path = cache_dir() / "tokenizers" / f"{corpus.NAME}-bpe{vocab_size}-{corpus.fingerprint(list(texts))}.json"
-    with file_lock(str(path)):
+    path = files.cache_dir() / "tokenizers" / f"{corpus.NAME}-bpe{vocab_size}-{corpus.fingerprint(list(texts))}.json"
+    with files.file_lock(str(path)):
         if path.exists():
             return path.read_text(encoding="utf-8")
         text = train_bpe(texts, vocab_size)
-        atomic_write_text(path, text)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        files.atomic_write(path, text.encode("utf-8"))
         return text
 
 
