@@ -377,7 +377,7 @@ class ImageText(Text):
 
     @staticmethod
     def samples(config, seed: int = 0, layouts=LAYOUTS):
-        from hfpatch.train.multimodal import Sample
+        from hfpatch.runtime.image_text_packing import Sample
 
         generator = torch.Generator().manual_seed(seed)
         image_token, size = config.image_token_id, config.vision_config.image_size
@@ -414,7 +414,7 @@ class ImageText(Text):
         assert torch.equal(gen_p, gen_r) and gen_p.shape[1] == prompt.shape[1] + 6
 
     def packs(self, model, sp: int = 1) -> list[dict]:
-        from hfpatch.train.multimodal import pack_llava_samples
+        from hfpatch.runtime.image_text_packing import pack_llava_samples
 
         samples = self.samples(model.config)
         total = sum(len(s.input_ids) for s in samples)
@@ -504,7 +504,7 @@ class Latents:
     @staticmethod
     def samples(config, shapes, seed: int = 0) -> list[dict]:
         """Synthetic rectified-flow training samples: x_t = (1 - t) x0 + t noise, target velocity noise - x0."""
-        from hfpatch.train.diffusion import image_ids, noised_sample
+        from hfpatch.runtime.latent_packing import image_ids, noised_sample
 
         generator = torch.Generator().manual_seed(seed)
 
@@ -522,7 +522,7 @@ class Latents:
     @staticmethod
     def batch_inputs(samples: list[dict]) -> dict:
         """Upstream's own (unpacked) layout: samples of one shape stacked in a batch."""
-        from hfpatch.train.diffusion import batch_inputs
+        from hfpatch.runtime.latent_packing import batch_inputs
 
         return batch_inputs(samples)
 
@@ -537,19 +537,19 @@ class Latents:
         assert_same_grads(patched, reference, atol=0)
 
     def packs(self, model, sp: int = 1) -> list[dict]:
-        from hfpatch.train.diffusion import pack_samples
+        from hfpatch.runtime.latent_packing import pack_samples
 
         samples = self.samples(model.config, self.SAMPLES)
         return [{**pack_samples(samples, multiple=sp), "samples": samples}]
 
     def forward(self, model, pack: dict, position_ids=None) -> torch.Tensor:
         """``[image tokens, channels]`` velocities of the pack (this rank's under ISP)."""
-        from hfpatch.train.diffusion import forward_packed
+        from hfpatch.runtime.latent_packing import forward_packed
 
         return forward_packed(model, pack)[0]
 
     def loss(self, out: torch.Tensor, pack: dict, full: dict | None = None) -> torch.Tensor:
-        from hfpatch.train.diffusion import flow_matching_loss
+        from hfpatch.runtime.latent_packing import flow_matching_loss
 
         tokens = int((full or pack)["loss_mask"].sum())  # the whole pack's, so ISP shares add up
         return flow_matching_loss(out[None], pack["target"], pack["loss_mask"], tokens)
@@ -579,7 +579,7 @@ class Latents:
         return self.forward(model, pack)
 
     def shard(self, pack: dict, rank: int, sp: int) -> dict:
-        from hfpatch.train.diffusion import shard_pack
+        from hfpatch.runtime.latent_packing import shard_pack
 
         return shard_pack(pack, rank, sp)
 

@@ -7,7 +7,7 @@ import torch
 
 from conformance import case
 from hfpatch import actions, modeling
-from hfpatch.train.diffusion import forward_packed
+from hfpatch.runtime.latent_packing import forward_packed
 
 
 @pytest.fixture(autouse=True)
@@ -19,12 +19,13 @@ def test_zoo_entry_builds_from_its_manifest_and_predicts_a_velocity():
     """The import smoke of test_zoo_cli for a diffusion transformer: tiny config, reset_parameters, forward."""
     adapter = case("flux")
     entry = adapter.spec.entry
+    zoo_state = actions.file_state(entry, entry.patch_target).state
     model = modeling.model_class(entry).from_config(entry.test_config)
     model.reset_parameters()
     sample = adapter.samples(model.config, [(2, 3, 4)])[0]
     out = model(**{k: v.float() for k, v in adapter.batch_inputs([sample]).items()}).sample
     assert out.shape == (1, 6, model.config.in_channels) and torch.isfinite(out).all()
-    assert actions.file_state(entry, entry.patch_target).state == "patched"
+    assert actions.file_state(entry, entry.patch_target).state == zoo_state  # imported from a patched copy
 
 
 def test_packed_inputs_that_do_not_match_the_layout_are_refused():

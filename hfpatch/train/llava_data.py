@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 
 from .errors import DataError
-from .multimodal import Sample
+from hfpatch.runtime.image_text_packing import Sample
 from .sources import JSONL_SUFFIXES, json_records, text_of
 from .tokenizer import TextTokenizer
 
