@@ -28,7 +28,7 @@ case "${1:-}" in
     stage env OUT="$RESULTS/gpu_check" bash scripts/gpu_check.sh
     stage python3 scripts/bench_attention.py --out "$RESULTS/attention.json"
     stage python3 scripts/bench_packing.py --out "$RESULTS/mfu.json" --tokens-per-step 8192 \
-      --contenders hfpatch,hfpatch_compiled
+      --contenders hfpatch_eager,hfpatch
     stage "${TORCHRUN[@]}" --nproc-per-node 1 scripts/profile_step.py --out "$RESULTS/profile_sp1.json"
     stage "${TORCHRUN[@]}" --nproc-per-node "$NGPU" scripts/profile_step.py --out "$RESULTS/profile_sp$NGPU.json"
     stage "${TORCHRUN[@]}" --nproc-per-node "$NGPU" scripts/bench_isp.py --out "$RESULTS/isp.json"
@@ -40,7 +40,7 @@ case "${1:-}" in
     python3 -m hfpatch.cli env > "$RESULTS/env.txt" 2>&1; cat "$RESULTS/env.txt"
     stage python3 scripts/gpu_check.py --out "$RESULTS/gpu_check_1gpu.json"
     stage python3 scripts/bench_attention.py --out "$RESULTS/attention.json"
-    stage python3 scripts/bench_packing.py --out "$RESULTS/packing.json"
+    STAGE_TIMEOUT=420 stage python3 scripts/bench_packing.py --out "$RESULTS/packing.json"  # six contenders, each compiled
     # the trainer itself on the packing model and 16K-token packs, then the bare fwd+bwd on its documents
     ARCH=(--set model.hidden_size=2048 --set model.intermediate_size=5632 --set model.num_hidden_layers=16
           --set model.num_attention_heads=16 --set model.num_key_value_heads=16 --set model.vocab_size=32000)
