@@ -40,7 +40,7 @@ case "${1:-}" in
     python3 -m hfpatch.cli env > "$RESULTS/env.txt" 2>&1; cat "$RESULTS/env.txt"
     stage python3 scripts/gpu_check.py --out "$RESULTS/gpu_check_1gpu.json"
     stage python3 scripts/bench_attention.py --out "$RESULTS/attention.json"
-    STAGE_TIMEOUT=420 stage python3 scripts/bench_packing.py --out "$RESULTS/packing.json"  # six contenders, each compiled
+    STAGE_TIMEOUT=420 stage python3 scripts/bench_packing.py --out "$RESULTS/packing.json"  # five contenders, some compiled
     # the trainer itself on the packing model and 16K-token packs, then the bare fwd+bwd on its documents
     ARCH=(--set model.hidden_size=2048 --set model.intermediate_size=5632 --set model.num_hidden_layers=16
           --set model.num_attention_heads=16 --set model.num_key_value_heads=16 --set model.vocab_size=32000)
