@@ -47,20 +47,27 @@ def check_installed_pin(entry: Entry, entries: list[Entry] | None = None) -> Non
                            f"supported releases: {', '.join(sorted(supported))}")
 
 
+def import_file(name: str, path: Path) -> ModuleType:
+    """The Python file ``path`` imported as module ``name`` (once: later calls return that module)."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+    return sys.modules[name]
+
+
 def load_patched_module(entry: Entry, entries: list[Entry] | None = None) -> ModuleType:
     """The patched modeling module, imported from :func:`patched_copy` under a private name."""
     check_installed_pin(entry, entries)
     name = f"hfpatch_zoo.{entry.name}.{entry.patch_target.removesuffix('.py')}"
     if name in sys.modules:
         return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, patched_copy(entry, entries) / entry.patch_target)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[name]
-        raise
+    module = import_file(name, patched_copy(entry, entries) / entry.patch_target)
     if entry.upstream.package == "transformers":
         share_checkpoint_conversions(module)
     return module

@@ -23,9 +23,7 @@ from __future__ import annotations
 import copy
 import functools
 import importlib
-import importlib.util
 import inspect
-import sys
 import traceback
 from dataclasses import dataclass
 
@@ -101,16 +99,8 @@ def merged(base: dict, *overrides: dict) -> dict:
 def unpatched_port_class(entry: zoo.Entry) -> type:
     """The committed pristine source of a first-party port (``port/``), imported under a private name."""
     name = f"hfpatch_unpatched.{entry.name}.{entry.patch_target.removesuffix('.py')}"
-    if name not in sys.modules:
-        module_spec = importlib.util.spec_from_file_location(name, entry.directory / actions.PORT_DIR / entry.patch_target)
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[name] = module
-        try:
-            module_spec.loader.exec_module(module)
-        except BaseException:
-            del sys.modules[name]
-            raise
-    return getattr(sys.modules[name], entry.model_class)
+    module = modeling.import_file(name, entry.directory / actions.PORT_DIR / entry.patch_target)
+    return getattr(module, entry.model_class)
 
 
 def reference_class(s: Spec) -> type:
