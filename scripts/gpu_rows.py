@@ -57,11 +57,11 @@ from hfpatch import modeling, runtime  # noqa: E402
 from hfpatch.environment import attention_summary, inspect_environment  # noqa: E402
 from hfpatch.train import diffusion, multimodal, resolve_config, run_training  # noqa: E402
 from hfpatch.train.batches import packed_micro_batch, padded_micro_batch  # noqa: E402
-from hfpatch.train.build import build_model, model_config, resolve_entry  # noqa: E402
+from hfpatch.train.build import build_model  # noqa: E402
 from hfpatch.train.data import load_dataset  # noqa: E402
 from hfpatch.train.metrics import read_metrics  # noqa: E402
 from hfpatch.train.tokenizer import DEFAULT_VOCAB_SIZE  # noqa: E402
-from hfpatch.train.workload import LANGUAGE_FAMILIES, head_dim  # noqa: E402
+from hfpatch.train.families import LANGUAGE_FAMILIES, family_of, model_config, resolve_entry  # noqa: E402
 
 STAGES = ("numerics", "train", "mamba", "two_gpus")
 SEED = 0
@@ -482,7 +482,7 @@ def numerics_row(row: Row, args) -> dict:
     checks = {q: errors["packed"][q] <= 2 * errors["alone"][q] + floor
               for q in errors["packed"] if q != "grads_worst_tensor"}
     leak = {"output": relative_error(leaky.values, golden.values), "output_max": max_error(leaky.values, golden.values)}
-    probe = torch.empty(0, 1, head_dim(config), dtype=dtype, device=device)
+    probe = torch.empty(0, 1, family_of(entry).head_dim(config), dtype=dtype, device=device)
     return {
         "passed": all(checks.values()), "checks": checks, "errors": errors, "floor": floor,
         "leak_guard": {"errors": leak, "fails_the_rule": any(e > 2 * errors["alone"][q] + floor for q, e in leak.items())},

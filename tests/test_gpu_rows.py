@@ -124,13 +124,12 @@ def test_unknown_row_is_one_error_line(rows, capsys):
 def test_every_row_has_a_valid_gpu_size_with_the_real_head_dim(rows, train_env):  # noqa: F811
     """The GPU sizes are what the one-shot GPU run builds: each must be a config the trainer accepts."""
     from hfpatch.train import resolve_config
-    from hfpatch.train.build import model_config, resolve_entry
-    from hfpatch.train.workload import LANGUAGE_FAMILIES, head_dim
+    from hfpatch.train.families import LANGUAGE_FAMILIES, family_of, model_config, resolve_entry
 
     for row in rows.ROWS:
         entry = resolve_entry(row.name)
         cfg = resolve_config(row.name, assignments=rows.model_settings(row, "gpu"))
         config = model_config(entry, cfg, 1024 if entry.family in LANGUAGE_FAMILIES else None)
         if row.name != "mamba":
-            assert head_dim(config) == 128, row.name
+            assert family_of(entry).head_dim(config) == 128, row.name
     assert config["axes_dims_rope"] == [16, 56, 56]  # Flux, the last row

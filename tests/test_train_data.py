@@ -158,9 +158,9 @@ def test_attention_flops_count_the_attention_each_family_has():
     layers, Flux's non-causal layers twice, none for Mamba."""
     from transformers import LlamaConfig, MambaConfig
 
-    from hfpatch.train.workload import flops_shape
+    from hfpatch.train.families import CausalLM, Flux
 
-    assert flops_shape(LlamaConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4)) == (3, 64)
-    assert flops_shape(MambaConfig(hidden_size=32, num_hidden_layers=2)) == (0, 32)
+    assert CausalLM().flops_shape(LlamaConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4)) == (3, 64)
+    assert CausalLM().flops_shape(MambaConfig(hidden_size=32, num_hidden_layers=2)) == (0, 32)
     flux = {"num_layers": 1, "num_single_layers": 2, "num_attention_heads": 2, "attention_head_dim": 8}
-    assert flops_shape(flux) == (6, 16)
+    assert Flux().flops_shape(flux) == (6, 16)

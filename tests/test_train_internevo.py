@@ -13,7 +13,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from hfpatch import zoo
 from hfpatch.train import corpus
-from hfpatch.train.build import model_config, tiny_config
+from hfpatch.train.build import tiny_config
+from hfpatch.train.families import model_config
 from hfpatch.train.config import resolve_config
 from hfpatch.train.tokenizer import default_tokenizer_json, tokenizer_from_json
 from test_train_common import REPO, cli, cli_ok, error_lines, metrics, train_env  # noqa: F401

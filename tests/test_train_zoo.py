@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from hfpatch.train.build import trainable_models
+from hfpatch.train.families import trainable_models
 from test_train_common import TINY, cli_ok, losses, torchrun, train_env  # noqa: F401
 
 ROWS = ["yi", "internlm1", "qwen2", "mixtral", "internlm2", "baichuan2", "mamba"]

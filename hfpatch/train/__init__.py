@@ -1,12 +1,13 @@
 """The hfpatch trainer: one training loop for every zoo model that has a patch.
 
 ``hfpatch train MODEL`` (``command.train``) -> ``config.resolve_config`` ->
-``loop.run_training``, which wires together data (``sources``, ``corpus``,
-``tokenizer``, ``dataset``, ``batches``; ``workload`` picks them per family, with
-``multimodal`` / ``llava_data`` for LLaVA and ``diffusion`` / ``flux_data`` for
-Flux), the model (``build``, ``parallelize``, ``output_head`` for the chunked loss),
-the update (``optim``, ``step``), and the run's outputs (``checkpoint``, ``export``,
-``metrics``, ``progress``).
+``loop.run_training``, which asks the entry's family (``families``: causal LM, LLaVA, Flux;
+each owns its model config, data, micro-batches, loss and FLOPs) for its workload and wires
+together data (``sources``, ``corpus``, ``tokenizer``, ``dataset``, ``batches``, with
+``multimodal`` / ``llava_data`` for LLaVA and ``diffusion`` / ``flux_data`` for Flux), the
+model (``build``, ``parallelize``, ``output_head`` for the chunked and fused losses), the
+memory levers (``levers``, ``offload``, ``tiling``), the update (``optim``, ``step``) and the
+run's outputs (``checkpoint``, ``export``, ``metrics``, ``progress``).
 """
 
 from .config import TrainConfig, resolve_config

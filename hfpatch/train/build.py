@@ -1,8 +1,8 @@
-"""Build the patched model for a zoo entry: its config, weights and dtype.
+"""Build the patched model for a zoo entry (weights, dtype) and the config helpers the families share.
 
 Every zoo model goes through the same two calls: ``modeling.model_class`` (the
-patched transformers class) and ``modeling.tiny_config`` (the manifest's tiny
-config), so a newly patched zoo entry trains without trainer changes.
+patched class) and ``modeling.tiny_config`` (the manifest's tiny config), so a newly
+patched zoo entry of a known family trains without trainer changes.
 """
 
 from __future__ import annotations
@@ -22,26 +22,6 @@ from .config import TrainConfig
 from .errors import ConfigError, DataError, TrainError
 
 PARAM_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
-
-
-# families this loop trains: causal LMs (token in, next-token logits out), LLaVA (image+text
-# in, next-token logits out) and Flux (flow matching); see workload.py
-TRAINABLE_FAMILIES = ("decoder-lm", "decoder-moe", "state-space", "vision-language", "diffusion-transformer")
-IMAGE_FAMILIES = ("vision-language", "diffusion-transformer")
-
-
-def resolve_entry(name: str) -> zoo.Entry:
-    entry = zoo.resolve(name)
-    if not entry.has_patch:
-        raise TrainError(f"{entry.name} has no patch yet, so it cannot train packed/ISP; trainable models: {', '.join(trainable_models())}")
-    if entry.family not in TRAINABLE_FAMILIES:
-        raise TrainError(f"{entry.name} ({entry.family}) is patched for varlen + ISP, but `hfpatch train` has no "
-                         f"{entry.family} loop yet; trainable models: {', '.join(trainable_models())}")
-    return entry
-
-
-def trainable_models() -> list[str]:
-    return [e.name for e in zoo.load_zoo() if e.has_patch and e.family in TRAINABLE_FAMILIES]
 
 
 def model_class(entry: zoo.Entry) -> type:
@@ -69,7 +49,7 @@ def compute_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if dtype == "auto" and device.type == "cuda" else None
 
 
-def _check_override_keys(config, overrides: Mapping[str, Any], source: str) -> None:
+def check_override_keys(config, overrides: Mapping[str, Any], source: str) -> None:
     known = set(config) if isinstance(config, dict) else set(config.to_dict())
     for key in overrides:
         if key not in known and not hasattr(config, key):
@@ -78,93 +58,16 @@ def _check_override_keys(config, overrides: Mapping[str, Any], source: str) -> N
             raise ConfigError(f"unknown config key 'model.{key}': not a setting of the {source} config{hint}")
 
 
-def model_config(entry: zoo.Entry, cfg: TrainConfig, vocab_size: int | None, special_ids: Mapping[str, int | None] | None = None):
-    """The transformers config the run trains: tiny (from the manifest) or ``model_path``'s.
-
-    ``special_ids`` (bos/eos/pad token ids of the run's tokenizer) replace the tiny
-    config's placeholders, so an exported model generates with the right stop token.
-    """
-    overrides = cfg.model_overrides
-    if entry.family in IMAGE_FAMILIES:
-        return _image_model_config(entry, cfg, vocab_size)
-    if cfg.model_path:
-        config = _checkpoint_config(entry, cfg, overrides)
-        _check_checkpoint_vocab(vocab_size, config.vocab_size, "vocab_size", cfg.model_path)
-    else:
-        _check_override_keys(tiny_config(entry), overrides, f"{entry.name} tiny")
-        values: dict[str, Any] = dict(special_ids or {})
-        if vocab_size is not None:
-            values["vocab_size"] = vocab_size
-        # Overrides go through the constructor so derived fields (head_dim...) follow them.
-        values.update(overrides)
-        # Positions restart in every document, so seq_len bounds them.
-        longest = max(entry.test_config.get("max_position_embeddings", 0), cfg.seq_len)
-        values.setdefault("max_position_embeddings", longest)
-        config = tiny_config(entry, **values)
-        if vocab_size is not None and vocab_size > config.vocab_size:
-            raise DataError(
-                f"the tokenizer has {vocab_size} tokens but model.vocab_size={config.vocab_size}; "
-                f"raise model.vocab_size or drop the override"
-            )
-    check_heads(config, cfg.sp)
-    config.use_cache = False
-    return config
-
-
-def _image_model_config(entry: zoo.Entry, cfg: TrainConfig, vocab_size: int | None = None):
-    """LLaVA's or Flux's config (Flux: a plain dict): the checkpoint's with ``--model-path``, else the tiny one
-    (LLaVA's language model positions then cover seq_len).
-
-    ``vocab_size`` (LLaVA with a text tokenizer, tiny config): the text vocab becomes the tokenizer's plus one,
-    the image token, so no text token is taken for an image; ``model.*`` overrides still win.
-    """
-    values = dict(cfg.model_overrides)
-    if cfg.model_path and entry.family == "diffusion-transformer":
-        if values:
-            raise ConfigError(f"model.* settings are not taken with --model-path for {entry.name}: "
-                              f"the checkpoint's config.json defines the model")
-        config = pretrained_diffusers_config(model_class(entry), cfg.model_path)
-        check_heads(_Heads(config["num_attention_heads"]), cfg.sp)
-        return config
-    if cfg.model_path:  # LLaVA: the checkpoint's own config
-        config = _checkpoint_config(entry, cfg, values)
-        _check_checkpoint_vocab(vocab_size, config.text_config.vocab_size, "text vocab_size", cfg.model_path)
-        check_heads(config.text_config, cfg.sp)
-        config.use_cache = config.text_config.use_cache = False
-        return config
-    _check_override_keys(tiny_config(entry), values, f"{entry.name} tiny")
-    if entry.family == "diffusion-transformer":
-        config = tiny_config(entry, **values)
-        check_heads(_Heads(config["num_attention_heads"]), cfg.sp)
-        return config
-    text = dict(entry.test_config.get("text_config", {}))
-    if vocab_size is not None:
-        text["vocab_size"] = vocab_size + 1
-        values.setdefault("image_token_index", vocab_size)
-    text.update(values.pop("text_config", None) or {})
-    text["max_position_embeddings"] = max(text.get("max_position_embeddings", 0), cfg.seq_len)
-    config = tiny_config(entry, text_config=text, **values)
-    check_heads(config.text_config, cfg.sp)
-    config.use_cache = False
-    config.text_config.use_cache = False
-    return config
-
-
-class _Heads:
-    def __init__(self, heads: int) -> None:
-        self.num_attention_heads = heads
-
-
-def _checkpoint_config(entry: zoo.Entry, cfg: TrainConfig, overrides: Mapping[str, Any]):
+def checkpoint_config(entry: zoo.Entry, cfg: TrainConfig, overrides: Mapping[str, Any]):
     """The ``--model-path`` checkpoint's config with the run's ``model.*`` settings applied."""
     config = pretrained_config(entry, model_class(entry), cfg.model_path)
-    _check_override_keys(config, overrides, str(cfg.model_path))
+    check_override_keys(config, overrides, str(cfg.model_path))
     for key, value in overrides.items():
         setattr(config, key, value)
     return config
 
 
-def _check_checkpoint_vocab(vocab_size: int | None, model_vocab: int, label: str, path: str) -> None:
+def check_checkpoint_vocab(vocab_size: int | None, model_vocab: int, label: str, path: str) -> None:
     if vocab_size is not None and vocab_size > model_vocab:
         raise DataError(f"the tokenizer has {vocab_size} tokens but the model at {path} has {label}={model_vocab}; "
                         f"use the model's own tokenizer (--tokenizer DIR)")

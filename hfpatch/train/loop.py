@@ -26,7 +26,7 @@ from hfpatch.runtime.attention import ENV_VAR as ATTENTION_ENV
 from hfpatch.runtime.isp import OVERLAP_ENV as ISP_OVERLAP_ENV
 
 from . import faults
-from .build import build_model, compute_dtype, count_parameters, model_config, param_dtype, resolve_entry
+from .build import build_model, compute_dtype, count_parameters, param_dtype
 from .checkpoint import CheckpointManager, checkpoints_at, complete_checkpoints, read_state
 from .config import TrainConfig, check_world_size
 from .dataset import RowStream
@@ -44,7 +44,7 @@ from .progress import Progress
 from .rundir import claim_run_dir
 from .step import train_step
 from .tiling import tile_mlps
-from .workload import check_supported, describe_config, flops_shape, head_dim, load_workload
+from .families import family_of, load_workload, model_config, resolve_entry
 
 # What transformers' config classes raise for values that do not fit together.
 CONFIG_VALIDATION_ERRORS = (ValueError, getattr(huggingface_hub.errors, "StrictDataclassError", ValueError))
@@ -54,7 +54,7 @@ def preflight(cfg: TrainConfig, world: int) -> zoo.Entry:
     """Checks that need no process group: sizes, model name, paths, model overrides; the zoo entry."""
     check_world_size(cfg, world)
     entry = resolve_entry(cfg.model_name)
-    check_supported(entry, cfg)
+    family_of(entry).check_supported(entry, cfg)
     for label, path in (("--data", cfg.data_path), ("--tokenizer", cfg.tokenizer_path), ("--model-path", cfg.model_path)):
         if path and not Path(path).exists():
             raise (DataError if label != "--model-path" else TrainError)(f"{label} {path} does not exist")
@@ -126,6 +126,7 @@ class _Trainer:
     def __init__(self, cfg: TrainConfig, entry) -> None:
         self.cfg = cfg
         self.entry = entry
+        self.family = family_of(entry)
         self.rank = gpc.get_global_rank()
         self.world = gpc.get_world_size(ParallelMode.GLOBAL)
         self.dp_rank, self.dp = gpc.get_local_rank(ParallelMode.DATA), gpc.get_world_size(ParallelMode.DATA)
@@ -186,7 +187,7 @@ class _Trainer:
         cfg, data = self.cfg, self.dataset
         return (
             f"hfpatch train {self.entry.name}: {self.params / 1e6:.2f}M params "
-            f"({describe_config(self.config)}), "
+            f"({self.family.describe_config(self.config)}), "
             f"world {self.world} = dp {self.dp} x sp {self.sp}, wp {cfg.wp}, device {self.device.type}, "
             f"attention {self.attention}{', decoder layers compiled' if self.compile else ''}"
             f"{f', fused linear loss ({fused_loss_kernel(self.device)})' if self.fused_loss else ''}"
@@ -203,7 +204,7 @@ class _Trainer:
         """The varlen backend this run's attention calls take, and why faster ones were passed over."""
         dtype = compute_dtype(self.cfg.dtype, self.device) or param_dtype(self.cfg.dtype, self.device)
         try:
-            return attention_summary(inspect_environment(dtype, head_dim(self.config), self.device))
+            return attention_summary(inspect_environment(dtype, self.family.head_dim(self.config), self.device))
         except AttentionBackendError as exc:
             raise ConfigError(f"--attention-backend: {exc}") from None
 
@@ -286,7 +287,8 @@ class _Trainer:
             self.model, self.optimizer, self.scheduler, self.micro_batches(rows, state.rows_consumed),
             num_targets=stats.targets, packed=cfg.packed, device=self.device,
             clip_grad_norm=float(cfg.clip_grad_norm), step=step, rank=self.rank,
-            loss_fn=self.workload.loss, input_dtype=param_dtype(cfg.dtype, self.device), loss_chunk=cfg.loss_chunk,
+            loss_fn=self.workload.loss, extra_inputs=self.workload.extra_inputs,
+            input_dtype=param_dtype(cfg.dtype, self.device), loss_chunk=cfg.loss_chunk,
             fused_loss=self.fused_loss, activation_offload=self.activation_offload,
         )
         if self.device.type == "cuda":
@@ -302,7 +304,7 @@ class _Trainer:
         if self.device.type == "cuda":
             record["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         if self.peak:
-            flops = step_flops(self.matmul_params, *flops_shape(self.config), stats)
+            flops = step_flops(self.matmul_params, *self.family.flops_shape(self.config), stats)
             record["mfu"] = flops / (elapsed * self.world * self.peak)
         return record
 

@@ -32,10 +32,12 @@ class StepResult:
     lr: float
 
 
-def _forward_inputs(batch: dict[str, Any], device: torch.device, router_aux: bool, dtype: torch.dtype | None) -> dict[str, Any]:
+def _forward_inputs(batch: dict[str, Any], device: torch.device, router_aux: bool, dtype: torch.dtype | None,
+                    extra_inputs: Sequence[str]) -> dict[str, Any]:
     inputs: dict[str, Any] = {k: batch[k].to(device) for k in ("input_ids", "position_ids", "attention_mask") if k in batch}
-    if batch.get("pixel_values") is not None:  # LLaVA: every image of the pack, on every ISP rank
-        inputs["pixel_values"] = batch["pixel_values"].to(device, dtype=dtype)
+    for key in extra_inputs:
+        if batch.get(key) is not None:
+            inputs[key] = batch[key].to(device, dtype=dtype)
     inputs["use_cache"] = False  # training: a KV cache would only copy every layer's keys and values
     if router_aux:
         inputs["output_router_logits"] = True
@@ -60,15 +62,15 @@ def _grad_norm(model: torch.nn.Module, max_norm: float) -> float:
     return float(norm)
 
 
-def _micro_batch_loss(model, batch, *, num_targets, packed, device, loss_fn, input_dtype, loss_chunk, fused_loss,
-                      aux_coef, packs_per_step) -> torch.Tensor:
+def _micro_batch_loss(model, batch, *, num_targets, packed, device, loss_fn, extra_inputs, input_dtype, loss_chunk,
+                      fused_loss, aux_coef, packs_per_step) -> torch.Tensor:
     if loss_fn is not None:
         return loss_fn(model, batch, num_targets, device)
     if packed:
         set_packed_batch(batch["cu_seqlens"], batch["max_seqlen"], device=device)
     else:
         clear_packed_batch()
-    output = model(**_forward_inputs(batch, device, aux_coef > 0, input_dtype))
+    output = model(**_forward_inputs(batch, device, aux_coef > 0, input_dtype, extra_inputs))
     labels = batch["labels"].to(device)
     if fused_loss:
         loss = fused_linear_causal_lm_loss(output.logits, output_weight(model), labels,
@@ -96,13 +98,15 @@ def train_step(
     step: int,
     rank: int,
     loss_fn: Callable[..., torch.Tensor] | None = None,
+    extra_inputs: Sequence[str] = (),
     input_dtype: torch.dtype | None = None,
     loss_chunk: int = 0,
     fused_loss: bool = False,
     activation_offload: contextlib.AbstractContextManager | None = None,
 ) -> StepResult:
     """``loss_fn(model, batch, num_targets, device)``: this rank's share of a micro-batch's loss
-    (Flux's flow matching); None for the causal LM loss. ``input_dtype``: of pixel_values.
+    (Flux's flow matching); None for the causal LM loss. ``extra_inputs``: batch keys passed to the model cast
+    to ``input_dtype`` (LLaVA's pixel_values).
     ``loss_chunk``: the model returns hidden states (``output_head.defer_output_projection``) and
     the causal LM loss projects them this many tokens at a time. ``fused_loss``: the model returns hidden
     states too and the projection runs fused into the cross entropy (``fused_linear_causal_lm_loss``).
@@ -117,8 +121,9 @@ def train_step(
         set_gradient_sync(model, index == len(micro_batches) - 1)
         with activation_offload or contextlib.nullcontext():
             loss = _micro_batch_loss(model, batch, num_targets=num_targets, packed=packed, device=device,
-                                     loss_fn=loss_fn, input_dtype=input_dtype, loss_chunk=loss_chunk,
-                                     fused_loss=fused_loss, aux_coef=aux_coef, packs_per_step=packs_per_step)
+                                     loss_fn=loss_fn, extra_inputs=extra_inputs, input_dtype=input_dtype,
+                                     loss_chunk=loss_chunk, fused_loss=fused_loss, aux_coef=aux_coef,
+                                     packs_per_step=packs_per_step)
         loss = faults.maybe_poison(loss, step, rank)
         loss.backward()
         loss_sum += loss.detach().float()
