@@ -196,5 +196,5 @@ def test_a_run_dir_that_cannot_be_made_is_one_error_line(hub_cache, tmp_path):
     path.write_text(f"{INTERNEVO}ckpt = dict(save_ckpt_folder='local:{blocker}/ckpts')\n")
     result = cli("llama2", "-c", path, "--steps", "1", "--seq-len", "64")
     assert result.exit_code == 1 and len(error_lines(result)) == 1, result.output
-    assert (f"error: cannot create the run dir {blocker}/ckpts (out, from config.py: ckpt.save_ckpt_folder "
-            f"('local:{blocker}/ckpts')): {blocker} is not a writable directory") == error_lines(result)[0]
+    assert (f"error: out (from config.py: ckpt.save_ckpt_folder ('local:{blocker}/ckpts')) {blocker}/ckpts is not "
+            f"writable (Not a directory); pass a directory you can write to") == error_lines(result)[0]

@@ -159,9 +159,11 @@ def test_patched_file_imports_and_builds_a_model(zoo_copy):
     from hfpatch import modeling
 
     for entry in ready_entries():
+        zoo_state = actions.file_state(entry, entry.patch_target).state
         model = modeling.build_model(entry)
         model.reset_parameters()
-        assert "patched" == actions.file_state(entry, entry.patch_target).state
+        assert type(model).__module__ == f"hfpatch_zoo.{entry.name}.{entry.patch_target.removesuffix('.py')}"
+        assert actions.file_state(entry, entry.patch_target).state == zoo_state  # a patched copy, the zoo untouched
         if entry.family == "diffusion-transformer":  # no logits: tests/test_flux_equivalence.py runs its forward
             continue
         out = model(torch.tensor([[1, 2, 3]]))

@@ -41,7 +41,7 @@ from .metrics import MetricsLog, RunSummary, peak_flops, plot_loss, read_metrics
 from .optim import build_optimizer, build_scheduler
 from .parallelize import parallelize
 from .progress import Progress
-from .rundir import claim_run_dir
+from .rundir import check_run_dir, claim_run_dir
 from .step import train_step
 from .tiling import tile_mlps
 from .families import family_of, load_workload, model_config, resolve_entry
@@ -65,8 +65,8 @@ def preflight(cfg: TrainConfig, world: int) -> zoo.Entry:
         reason = str(exc.__cause__ or exc).strip().splitlines()[-1].strip()
         raise ConfigError(f"{entry.name} rejects the model config ({settings}): {reason}") from None
     _check_resume_option(cfg)
-    _check_run_dir(cfg)
     resolve_levers(cfg, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    _check_run_dir(cfg)  # last: it creates the dir
     return entry
 
 
@@ -76,12 +76,10 @@ def _check_resume_option(cfg: TrainConfig) -> None:
 
 
 def _check_run_dir(cfg: TrainConfig) -> None:
-    """The run dir can be made (an InternEvo file's save_ckpt_folder may name another cluster's disk)."""
-    path = cfg.run_dir.absolute()
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"cannot create the run dir {cfg.run_dir} (out, from {cfg.sources.get('out', 'default')}): "
-                          f"{existing} is not a writable directory")
+    """The run dir can be made and written (an InternEvo file's save_ckpt_folder may name another cluster's disk)."""
+    source = cfg.sources.get("out")
+    from_file = source is not None and source.from_file
+    check_run_dir(cfg.run_dir, label=f"out (from {source})" if from_file else "--out")
 
 
 def _starts_fresh(cfg: TrainConfig) -> bool:

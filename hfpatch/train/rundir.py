@@ -23,17 +23,17 @@ LOCK_FILE = ".lock"
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl")
 
 
-def check_run_dir(path: Path) -> None:
-    """Create ``path`` if needed and make sure files can be written in it."""
+def check_run_dir(path: Path, label: str = "--out") -> None:
+    """Create ``path`` if needed and make sure files can be written in it; ``label`` names the setting in errors."""
     if path.exists() and not path.is_dir():
-        raise TrainError(f"--out {path} is a file, not a directory; pass a directory for the run's checkpoints and metrics")
+        raise TrainError(f"{label} {path} is a file, not a directory; pass a directory for the run's checkpoints and metrics")
     try:
         path.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise TrainError(f"--out {path} is not writable ({exc.strerror}); pass a directory you can write to") from None
+        raise TrainError(f"{label} {path} is not writable ({exc.strerror}); pass a directory you can write to") from None
 
 
 @contextlib.contextmanager
