@@ -32,19 +32,19 @@ from .config import TrainConfig, check_world_size
 from .dataset import RowStream
 from .errors import ConfigError, DataError, Interrupted, NonFiniteLossError, TrainError, UnreadableCheckpointError
 from .export import export_hf
+from .families import family_of, load_workload, model_config, resolve_entry
 from .interrupt import StopRequest, interrupted_message
 from .levers import resolve_levers
 from .output_head import defer_output_projection, deferral_problem
 from .launch import INTERRUPT_STATUSES, attempt_scoped_process_group, run_torchrun, under_launcher, world_info
-from .offload import ActivationOffload
 from .metrics import MetricsLog, RunSummary, peak_flops, plot_loss, read_metrics, step_flops
+from .offload import ActivationOffload
 from .optim import build_optimizer, build_scheduler
 from .parallelize import parallelize
 from .progress import Progress
 from .rundir import check_run_dir, claim_run_dir
 from .step import train_step
 from .tiling import tile_mlps
-from .families import family_of, load_workload, model_config, resolve_entry
 
 # What transformers' config classes raise for values that do not fit together.
 CONFIG_VALIDATION_ERRORS = (ValueError, getattr(huggingface_hub.errors, "StrictDataclassError", ValueError))
