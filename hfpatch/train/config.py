@@ -137,7 +137,7 @@ SETTINGS: tuple[Setting, ...] = (
             flag="--activation-checkpointing/--no-activation-checkpointing", minimum=0, maximum=1, default_help="off"),
     Setting("model.compile", None, (bool,), "torch.compile each decoder layer (attention runs eagerly between its "
             "graphs; MoE and state-space layers: their MLP and norms)", flag="--compile/--no-compile",
-            default_help="auto: on a GPU"),
+            default_help="auto: on a GPU, unless activations are offloaded or the MLP tiled"),
     Setting("model.fused_loss", None, (bool,), "fuse the output projection into the cross entropy (liger-kernel on a "
             "GPU, else chunked): no full logits", flag="--fused-loss/--no-fused-loss", default_help="auto: on a GPU"),
     Setting("model.attention_backend", "auto", (str,), "varlen attention kernel", flag="--attention-backend",
