@@ -465,9 +465,9 @@ def numerics_row(row: Row, args) -> dict:
     vocab = DEFAULT_VOCAB_SIZE if entry.family in LANGUAGE_FAMILIES else None  # the embedded tokenizer's
     config = model_config(entry, cfg, vocab)
     case = build_case(entry, config, device, args)
-    model = build_model(entry, cfg, config, device)  # seeded: the trainer's init
+    model = build_model(entry, cfg, config, device, family_of(entry))  # seeded: the trainer's init
     vary_init(model, entry)
-    reference = build_model(entry, cfg, reference_config(entry, config), device).to(ref_dtype)
+    reference = build_model(entry, cfg, reference_config(entry, config), device, family_of(entry)).to(ref_dtype)
     reference.load_state_dict(model.state_dict())
     model = model.to(dtype)
     golden, golden_grads = forward_backward(reference, case.alone)
@@ -591,7 +591,7 @@ def mamba_models(args):
     cfg = resolve_config("mamba", assignments=train_settings(row, args, args.out / "runs" / "mamba_scan"))
     tokenizer, dataset, _ = load_dataset(cfg, rank=0)
     config = model_config(entry, cfg, tokenizer.vocab_size, tokenizer.special_ids)
-    patched = build_model(entry, cfg, config, device).to(dtype)
+    patched = build_model(entry, cfg, config, device, family_of(entry)).to(dtype)
     unpatched = transformers.MambaForCausalLM(config).to(device, dtype).train()
     unpatched.load_state_dict(patched.state_dict())
     return patched, unpatched, dataset, tokenizer.pad_id

@@ -108,25 +108,22 @@ def check_heads(config, sp: int) -> None:
         raise ConfigError(f"num_key_value_heads={kv_heads} must divide or be a multiple of --sp {sp}")
 
 
-def build_model(entry: zoo.Entry, cfg: TrainConfig, config, device: torch.device) -> torch.nn.Module:
-    """Weights from ``model_path`` or a seeded random init (identical on every rank)."""
+def build_model(entry: zoo.Entry, cfg: TrainConfig, config, device: torch.device, family) -> torch.nn.Module:
+    """Weights from ``model_path`` or a seeded random init (identical on every rank); ``family`` knows the
+    model's library (transformers or diffusers)."""
     cls = model_class(entry)
     dtype = param_dtype(cfg.dtype, device)
     if cfg.model_path:
         try:
             with quiet_loading():
-                if isinstance(config, dict):  # diffusers: the dir's own config, its torch_dtype keyword
-                    model, info = cls.from_pretrained(cfg.model_path, torch_dtype=dtype, local_files_only=True,
-                                                      output_loading_info=True)
-                else:
-                    model, info = cls.from_pretrained(cfg.model_path, config=config, dtype=dtype,
-                                                      local_files_only=True, output_loading_info=True)
+                model, info = cls.from_pretrained(cfg.model_path, local_files_only=True, output_loading_info=True,
+                                                  **family.pretrained_kwargs(config, dtype))
         except Exception as exc:
             raise TrainError(f"cannot load weights from {cfg.model_path}: {str(exc).splitlines()[0]}") from None
         check_loaded_weights(info, cfg.model_path, allow_missing=cfg.allow_missing_weights)
     else:
         torch.manual_seed(cfg.seed)
-        model = cls.from_config(config) if isinstance(config, dict) else cls(config)  # diffusers: a dict
+        model = family.new_model(cls, config)
         if hasattr(model, "reset_parameters"):
             model.reset_parameters(cfg.init_std)
         model = model.to(dtype)

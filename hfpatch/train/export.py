@@ -14,6 +14,7 @@ import copy
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -22,12 +23,17 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from .tokenizer import TextTokenizer
 
 
-def export_hf(model: torch.nn.Module, tokenizer: TextTokenizer | None, directory: str | Path, *, rank: int) -> Path:
-    """Collective (every rank gathers); rank 0 writes ``directory`` atomically."""
+StockModel = Callable[[torch.nn.Module, dict], torch.nn.Module]  # (trained model, full state dict) -> stock model
+
+
+def export_hf(model: torch.nn.Module, tokenizer: TextTokenizer | None, directory: str | Path, *, rank: int,
+              stock_model: StockModel) -> Path:
+    """Collective (every rank gathers); rank 0 writes ``directory`` atomically. ``stock_model``: the family's
+    (:func:`transformers_stock_model`, :func:`diffusers_stock_model`)."""
     directory = Path(directory)
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
-        _write(model, full, tokenizer, directory)
+        _write(stock_model(model, full), tokenizer, directory)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
     return directory
@@ -52,16 +58,19 @@ def stock_class(config) -> type | None:
     return None
 
 
-def _stock_model(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """The trained weights in the library's own class, built on the meta device (no random init)."""
-    if isinstance(model.config, dict):  # diffusers: FluxTransformer2DModel and its kin
-        import diffusers
+def diffusers_stock_model(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """The trained weights in diffusers' own class (FluxTransformer2DModel...), built on the meta device."""
+    import diffusers
 
-        cls = getattr(diffusers, model.config["_class_name"], None) or _unwrapped_class(model)
-        with torch.device("meta"):
-            stock = cls.from_config(model.config)
-        stock.load_state_dict(state_dict, strict=True, assign=True)
-        return stock
+    cls = getattr(diffusers, model.config["_class_name"], None) or _unwrapped_class(model)
+    with torch.device("meta"):
+        stock = cls.from_config(model.config)
+    stock.load_state_dict(state_dict, strict=True, assign=True)
+    return stock
+
+
+def transformers_stock_model(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """The trained weights in transformers' own class, built on the meta device (no random init)."""
     config = copy.deepcopy(model.config)
     config.use_cache = True  # training turned the KV cache off; inference wants it
     config.dtype = next(iter(state_dict.values())).dtype
@@ -73,8 +82,7 @@ def _stock_model(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) ->
     return stock
 
 
-def _write(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], tokenizer: TextTokenizer | None, directory: Path) -> None:
-    stock = _stock_model(model, state_dict)
+def _write(stock: torch.nn.Module, tokenizer: TextTokenizer | None, directory: Path) -> None:
     tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     stock.save_pretrained(str(tmp), safe_serialization=True)

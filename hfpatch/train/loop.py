@@ -143,7 +143,7 @@ class _Trainer:
         self.config = self.workload.config
         self.attention = self.attention_backend()  # a backend asked for that cannot run fails here, before the model
         self.levers = resolve_levers(cfg, self.device)
-        model = build_model(self.entry, cfg, self.config, self.device)
+        model = build_model(self.entry, cfg, self.config, self.device, self.family)
         if self.workload.prepare_model is not None:
             self.workload.prepare_model(model)
         self.fused_loss = self.use_fused_loss(model)
@@ -360,7 +360,8 @@ class _Trainer:
     def finish(self, records: list[dict[str, Any]], resumed_from: str | None, wall_s: float) -> RunSummary:
         """Export, plot, and the summary."""
         cfg = self.cfg
-        exported = str(export_hf(self.model, self.tokenizer, cfg.export, rank=self.rank)) if cfg.export else None
+        exported = str(export_hf(self.model, self.tokenizer, cfg.export, rank=self.rank,
+                                      stock_model=self.family.stock_model)) if cfg.export else None
         paths = {"metrics": str(self.metrics.path)}
         if self.is_main:
             plot = plot_loss(read_metrics(self.metrics.path), self.run_dir / "loss.png", f"{self.entry.name}: training loss")

@@ -9,6 +9,7 @@ import torch
 
 from ..batches import BatchStats
 from ..config import TrainConfig
+from ..export import transformers_stock_model
 
 # synthetic samples in the embedded default data sets of the image families
 SYNTHETIC_SAMPLES = 256
@@ -63,6 +64,19 @@ class Family:
     def head_dim(self, config) -> int:
         """The attention head dim, for picking the attention kernel."""
         raise NotImplementedError
+
+    # -- the model's library: transformers (a config object) by default -----------------------------------
+
+    def new_model(self, cls: type, config) -> torch.nn.Module:
+        return cls(config)
+
+    def pretrained_kwargs(self, config, dtype: torch.dtype) -> dict[str, Any]:
+        """``from_pretrained`` keywords for the checkpoint dir ``--model-path``."""
+        return {"config": config, "dtype": dtype}
+
+    def stock_model(self, model: torch.nn.Module, state_dict: dict) -> torch.nn.Module:
+        """The trained weights in the library's own class, for ``--export``."""
+        return transformers_stock_model(model, state_dict)
 
 
 def transformers_flops_shape(config) -> tuple[int, int]:

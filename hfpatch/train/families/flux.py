@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 
@@ -10,6 +10,7 @@ from .. import diffusion, flux_data
 from ..build import check_heads, check_override_keys, model_class, pretrained_diffusers_config, tiny_config
 from ..config import TrainConfig
 from ..errors import ConfigError
+from ..export import diffusers_stock_model
 from .base import SYNTHETIC_SAMPLES, Family, Workload
 
 
@@ -72,3 +73,13 @@ class Flux(Family):
 
     def head_dim(self, config) -> int:
         return config["attention_head_dim"]
+
+    # diffusers: a plain-dict config, from_config, the dir's own config at load, torch_dtype
+    def new_model(self, cls: type, config) -> torch.nn.Module:
+        return cls.from_config(config)
+
+    def pretrained_kwargs(self, config, dtype: torch.dtype) -> dict[str, Any]:
+        return {"torch_dtype": dtype}
+
+    def stock_model(self, model: torch.nn.Module, state_dict: dict) -> torch.nn.Module:
+        return diffusers_stock_model(model, state_dict)
