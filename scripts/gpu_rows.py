@@ -54,6 +54,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hfpatch import modeling, runtime  # noqa: E402
+from hfpatch.runtime import image_text_packing, latent_packing  # noqa: E402
 from hfpatch.environment import attention_summary, inspect_environment  # noqa: E402
 from hfpatch.train import diffusion, multimodal, resolve_config, run_training  # noqa: E402
 from hfpatch.train.batches import packed_micro_batch, padded_micro_batch  # noqa: E402
@@ -318,7 +319,7 @@ def llava_case(entry, config, device: torch.device, args) -> Case:
         vocab, image_token_id=image_token, image_seq_length=config.image_seq_length,
         image_size=config.vision_config.image_size, count=LLAVA_SAMPLES[args.size], seed=SEED)
     lengths = [len(s.input_ids) for s in samples]
-    batch = multimodal.pack_llava_samples(samples, image_token, seq_len=_round_up(sum(lengths), PACK_MULTIPLE[args.size]),
+    batch = image_text_packing.pack_llava_samples(samples, image_token, seq_len=_round_up(sum(lengths), PACK_MULTIPLE[args.size]),
                                           pad_id=vocab.pad_id)
     real = sum(lengths)
 
@@ -354,19 +355,19 @@ def flux_case(entry, config, device: torch.device, args) -> Case:
         pooled_projections=torch.randn(config["pooled_projection_dim"], generator=generator),
     ) for h, w, text in FLUX_SHAPES[args.size]]
     samples = diffusion.noised_samples(latents, noise_seed=SEED + 1)
-    pack = diffusion.pack_samples(samples, multiple=PACK_MULTIPLE[args.size])
+    pack = latent_packing.pack_samples(samples, multiple=PACK_MULTIPLE[args.size])
     mask = pack["loss_mask"].to(device)
     tokens = int(mask.sum())
 
     def packed(model):
-        pred = diffusion.forward_packed(model, diffusion.move_inputs(pack, device, _dtype_of(model))).float()
-        loss = diffusion.flow_matching_loss(pred, pack["target"].to(device), mask, tokens)
+        pred = latent_packing.forward_packed(model, diffusion.move_inputs(pack, device, _dtype_of(model))).float()
+        loss = latent_packing.flow_matching_loss(pred, pack["target"].to(device), mask, tokens)
         return Output(pred[mask], loss)
 
     def alone(model):
         outs, err = [], 0.0
         for sample in samples:
-            inputs = diffusion.move_inputs(diffusion.batch_inputs([sample]), device, _dtype_of(model))
+            inputs = diffusion.move_inputs(latent_packing.batch_inputs([sample]), device, _dtype_of(model))
             outs.append(model(**inputs).sample[0].float())
             err = err + ((outs[-1] - sample["target"].to(device)) ** 2).sum()
         return Output(torch.cat(outs), err / (tokens * channels))
