@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from hfpatch.train.checkpoint import complete_checkpoints
 from hfpatch.train.errors import DataError
@@ -312,3 +313,24 @@ def test_memory_levers_that_cannot_work_are_one_line(train_env, tmp_path, args, 
     result = cli("llama2", *TINY, *args, "--out", tmp_path / "run")
     assert result.exit_code == 1 and error_lines(result) == [message]
     assert not (tmp_path / "run").exists()
+
+
+def test_out_of_gpu_memory_is_one_line_and_keeps_the_checkpoint(train_env, tmp_path, monkeypatch):
+    from hfpatch.train import loop
+
+    real_step = loop.train_step
+
+    def step_that_runs_out(*args, **kwargs):
+        if kwargs["step"] == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 512.00 MiB")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", step_that_runs_out)
+    result = cli("llama2", *TINY, "--steps", "3", "--checkpoint-every", "1", "--out", tmp_path)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    checkpoint = tmp_path / "checkpoints" / "step_00000001"
+    assert error_lines(result)[-1] == (
+        "error: out of GPU memory in step 2 (micro-batches of 1 x 128 tokens); pass --long-context (checkpointing, "
+        "activation offload, a tiled MLP) or lower --seq-len / --micro-bsz; the last good checkpoint is "
+        f"{checkpoint}")
+    assert checkpoint_names(tmp_path) == ["step_00000001"]

@@ -330,6 +330,10 @@ class _Trainer:
             resolved = {"model": self.cfg.model_name, **self.cfg.tree}
             (self.run_dir / "config.json").write_text(json.dumps(resolved, indent=2, default=str))
 
+    def kept_checkpoint(self) -> str:
+        latest = self.checkpoints.latest()
+        return f"the last good checkpoint is {latest}" if latest else "no checkpoint was saved before it"
+
     def train(self, progress: Progress, stop: StopRequest) -> list[dict[str, Any]]:
         """Steps up to total_steps, checkpointing on schedule, at the end, and when SIGINT/SIGTERM stops it."""
         cfg = self.cfg
@@ -338,9 +342,12 @@ class _Trainer:
             try:
                 record = self.one_step()
             except NonFiniteLossError as exc:
-                latest = self.checkpoints.latest()
-                kept = f"the last good checkpoint is {latest}" if latest else "no checkpoint was saved before it"
-                raise NonFiniteLossError(f"{exc}; stopped before updating the weights, {kept}") from None
+                raise NonFiniteLossError(f"{exc}; stopped before updating the weights, {self.kept_checkpoint()}") from None
+            except torch.OutOfMemoryError:
+                raise TrainError(
+                    f"out of GPU memory in step {self.state.step + 1} (micro-batches of {cfg.micro_bsz} x {cfg.seq_len} "
+                    f"tokens); pass --long-context (checkpointing, activation offload, a tiled MLP) or lower --seq-len "
+                    f"/ --micro-bsz; {self.kept_checkpoint()}") from None
             self.metrics.write(record)
             records.append(record)
             progress.update(record)
