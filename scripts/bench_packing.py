@@ -28,6 +28,7 @@ import math
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -206,7 +207,9 @@ def measure(name, model, step, batches, warmup):
 
 def trainer_throughput(run_dir: str, warmup: int) -> dict:
     """Real tokens/s of an `hfpatch train` run over its steps after ``warmup`` (metrics.jsonl)."""
-    records = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))][warmup:]
+    from hfpatch.train.metrics import read_metrics
+
+    records = read_metrics(Path(run_dir) / "metrics.jsonl")[warmup:]
     tokens, seconds = sum(r["tokens"] for r in records), sum(r["step_time_s"] for r in records)
     return {"run": run_dir, "steps": len(records), "real_tokens": tokens, "seconds": seconds,
             "real_tokens_per_s": tokens / seconds, "mfu": sum(r.get("mfu", 0) for r in records) / len(records),

@@ -53,15 +53,16 @@ case "${1:-}" in
       --deadline "${ROWS_DEADLINE:-320}" ${ROWS_ARGS:-}
     stage python3 scripts/gpu_rows_report.py "$RESULTS/rows" --out "$RESULTS/rows/gpu_rows.md" ;;
   levers)
-    # the embedded corpus repeated until it fills the longest row several times (documents as they are)
+    # the embedded corpus repeated until it fills the longest row several times; outside $RESULTS (large)
+    DOCS=$(mktemp -d)/long_docs.jsonl
     python3 -c 'import json, sys, pydoc_data.topics as t; docs = list(t.topics.values()) * 12
-open(sys.argv[1], "w").writelines(json.dumps({"text": d}) + "\n" for d in docs)' "$RESULTS/long_docs.jsonl"
+open(sys.argv[1], "w").writelines(json.dumps({"text": d}) + "\n" for d in docs)' "$DOCS"
     ARCH=(--set model.hidden_size=2048 --set model.intermediate_size=5632 --set model.num_hidden_layers=16
           --set model.num_attention_heads=16 --set model.num_key_value_heads=16 --set model.vocab_size=32000)
     for tokens in ${LEVER_TOKENS:-65536 131072}; do
       for levers in plain long-context; do
         flags=(); [ "$levers" = long-context ] && flags=(--long-context)
-        stage python3 -m hfpatch.cli train llama2 --data "$RESULTS/long_docs.jsonl" --seq-len "$tokens" --micro-num 1 \
+        stage python3 -m hfpatch.cli train llama2 --data "$DOCS" --seq-len "$tokens" --micro-num 1 \
           --overflow split --steps 3 --set log_every=1 --set save_checkpoints=false --no-compile "${flags[@]}" "${ARCH[@]}" \
           --out "$RESULTS/levers_${levers}_$tokens"
       done

@@ -25,7 +25,7 @@ PARAM_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": 
 
 
 def model_class(entry: zoo.Entry) -> type:
-    """The patched class; a file lock keeps concurrent ranks from syncing/patching at once."""
+    """The patched class; a file lock keeps concurrent ranks from materializing its cached copy at once."""
     with files.file_lock(str(entry.directory.resolve())):
         return modeling.model_class(entry)
 

@@ -9,6 +9,7 @@ import torch
 
 from ..batches import BatchStats
 from ..config import TrainConfig
+from ..errors import ConfigError
 from ..export import transformers_stock_model
 
 # synthetic samples in the embedded default data sets of the image families
@@ -42,9 +43,12 @@ class Family:
 
     name: str = ""
     manifest_families: tuple[str, ...] = ()
+    trains_padded: bool = True  # --padded: the same documents in padded batches
 
     def check_supported(self, entry, cfg: TrainConfig) -> None:
         """Options this family does not take, refused before any work."""
+        if not (cfg.packed or self.trains_padded):
+            raise ConfigError(f"--padded is not supported for {entry.name} ({entry.family}) yet; it trains packed")
 
     def model_config(self, entry, cfg: TrainConfig, vocab_size: int | None, special_ids: Mapping[str, int | None] | None = None):
         """The config the run trains: the manifest's tiny one or ``--model-path``'s, with ``model.*`` applied."""

@@ -23,11 +23,11 @@ class Flux(Family):
     """Its config is diffusers' plain dict; its synthetic latents follow whatever config the model has."""
 
     name = "Flux"
+    trains_padded = False
     manifest_families = ("diffusion-transformer",)
 
     def check_supported(self, entry, cfg: TrainConfig) -> None:
-        if not cfg.packed:
-            raise ConfigError(f"--padded is not supported for {entry.name} ({entry.family}) yet; it trains packed")
+        super().check_supported(entry, cfg)
         if cfg.loss_chunk:
             raise ConfigError(f"--loss-chunk is not supported for {entry.name} ({entry.family}): "
                               f"its loss is flow matching, not a language-model loss")

@@ -22,12 +22,12 @@ def freeze_vision_tower(model: torch.nn.Module) -> None:
 
 class Llava(Family):
     name = "LLaVA"
+    trains_padded = False
     manifest_families = ("vision-language",)
 
     def check_supported(self, entry, cfg: TrainConfig) -> None:
         """A checkpoint, an export and a tokenizer only with --data: the synthetic captions' word vocab matches none."""
-        if not cfg.packed:
-            raise ConfigError(f"--padded is not supported for {entry.name} ({entry.family}) yet; it trains packed")
+        super().check_supported(entry, cfg)
         for flag, given in (("--model-path", cfg.model_path), ("--export", cfg.export)):
             if given and not cfg.data_path:
                 raise ConfigError(f"{flag} needs --data for {entry.name} ({entry.family}): the embedded synthetic "
