@@ -96,3 +96,24 @@ def test_training_leaves_the_zoo_files_as_they_are(train_env, tmp_path):
     result = cli("llama2", *TINY, "--steps", "1", "--out", tmp_path)
     assert result.exit_code == 0, result.output
     assert actions.status(entry) == before and {s.state for s in before} == {"pristine"}
+
+
+def test_steps_run_with_setups_objects_out_of_full_collections(train_env, tmp_path, monkeypatch):
+    """The loop's steps run with what setup built frozen out of the garbage collector's scans (they stalled
+    steps on GPU); the freeze ends with the run."""
+    import gc
+
+    from hfpatch.train import loop
+
+    frozen_during_steps = []
+
+    def spying_step(*args, **kwargs):
+        frozen_during_steps.append(gc.get_freeze_count())
+        return real_step(*args, **kwargs)
+
+    real_step = loop.train_step
+    monkeypatch.setattr(loop, "train_step", spying_step)
+    result = cli("llama2", *TINY, "--steps", "2", "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    assert len(frozen_during_steps) == 2 and min(frozen_during_steps) > 1000
+    assert gc.get_freeze_count() == 0
