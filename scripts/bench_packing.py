@@ -14,15 +14,18 @@ contender (equal real tokens per step), no optimizer:
                     compiled whole (attention eager between the graphs) and the fused linear loss
 Documents: log-normal lengths, median 350 tokens, sigma 1.0, clipped to [16, 4096]; or (--source
 trainer) the documents `hfpatch train llama2 --seq-len N --micro-num 1` reads, step by step.
-MFU for every contender: (6 N tokens + causal attention FLOPs) / time / 989 TFLOP/s (H100/H200 bf16).
+MFU for every contender: (6 N tokens + causal attention FLOPs) / time / 989 TFLOP/s (H100/H200 bf16), N the
+matmul parameters (the input embedding excluded, as `hfpatch train` counts them; before 2026-12-03b all parameters).
 
     python scripts/bench_packing.py --out docs/bench/packing.json
-    python scripts/bench_packing.py --out docs/bench/trainer_vs_bare.json --source trainer --contenders hfpatch
+    python scripts/bench_packing.py --out docs/bench/trainer_vs_bare.json --source trainer --contenders hfpatch \
+        --data DOCS --trainer-run RUN_DIR
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -33,6 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100 / H200 SXM, the MFU denominator
@@ -44,20 +48,24 @@ def lognormal_documents(n_tokens: int, vocab: int, seed: int) -> list[torch.Tens
     docs, total = [], 0
     while total < n_tokens:
         length = int(min(max(math.exp(math.log(350) + torch.randn(1, generator=gen).item()), 16), 4096))
-        length = min(length, n_tokens - total) if n_tokens - total >= 16 else length
+        length = min(length, n_tokens - total)  # every step exactly n_tokens: a new shape would recompile
         docs.append(torch.randint(3, vocab, (length,), generator=gen))
         total += length
     return docs
 
 
-def trainer_documents(seq_len: int, steps: int, seed: int = 42) -> list[list[torch.Tensor]]:
-    """The documents of the first ``steps`` steps of `hfpatch train llama2 --seq-len SEQ_LEN --micro-num 1`."""
+def trainer_documents(seq_len: int, steps: int, data: str | None, seed: int = 42) -> list[list[torch.Tensor]]:
+    """The documents of the first ``steps`` steps of `hfpatch train llama2 --seq-len SEQ_LEN --micro-num 1`
+    (with ``data``: `--data DATA --overflow split`)."""
     from hfpatch.train.batches import row_documents
     from hfpatch.train.config import resolve_config
     from hfpatch.train.data import load_dataset
     from hfpatch.train.dataset import RowStream
 
-    cfg = resolve_config("llama2", overrides={"data.seq_len": seq_len, "data.micro_num": 1, "seed": seed})
+    overrides = {"data.seq_len": seq_len, "data.micro_num": 1, "seed": seed}
+    if data:
+        overrides.update({"data.train_folder": data, "data.overflow": "split"})
+    cfg = resolve_config("llama2", overrides=overrides)
     _, dataset, _ = load_dataset(cfg, rank=0)
     rows = RowStream(len(dataset.rows), seed).take(0, steps)
     return [row_documents(dataset.rows[i]) for i in rows]
@@ -140,18 +148,26 @@ def step_hfpatch(model, docs, n_targets, fused_loss=False):
     return loss.item()
 
 
-def apply_liger_to_patched(model) -> None:
-    """liger's RMSNorm and SwiGLU on the patched model's modules, its RoPE in the patched module."""
+@contextlib.contextmanager
+def liger_on_patched(model):
+    """liger's RMSNorm and SwiGLU on the patched model's modules, its RoPE in the patched module while the
+    contender runs: the module is shared with the other hfpatch contenders, which must run the zoo's own RoPE."""
     from liger_kernel.transformers import apply_liger_kernel_to_llama
     from liger_kernel.transformers.rope import liger_rotary_pos_emb
 
     apply_liger_kernel_to_llama(rope=False, rms_norm=True, swiglu=True, cross_entropy=False,
                                 fused_linear_cross_entropy=False, model=model)
-    sys.modules[type(model).__module__].apply_rotary_pos_emb = liger_rotary_pos_emb
+    module = sys.modules[type(model).__module__]
+    own = module.apply_rotary_pos_emb
+    module.apply_rotary_pos_emb = liger_rotary_pos_emb
+    try:
+        yield
+    finally:
+        module.apply_rotary_pos_emb = own
 
 
 def build(name, cfg, state):
-    """(model, step function) of one contender, weights from ``state``."""
+    """(model, step function, the context it runs in) of one contender, weights from ``state``."""
     import transformers
 
     from hfpatch import modeling, zoo
@@ -164,11 +180,10 @@ def build(name, cfg, state):
         fused = name != "hfpatch_eager"
         if fused:
             defer_output_projection(model, "llama2")
-        if name == "hfpatch_liger":
-            apply_liger_to_patched(model)
         if name == "hfpatch":
             compile_decoder_layers(model)
-        return model, lambda m, docs, n: step_hfpatch(m, docs, n, fused_loss=fused)
+        context = liger_on_patched(model) if name == "hfpatch_liger" else contextlib.nullcontext()
+        return model, lambda m, docs, n: step_hfpatch(m, docs, n, fused_loss=fused), context
     if name == "hf_padfree_liger":
         from liger_kernel.transformers import apply_liger_kernel_to_llama
 
@@ -176,11 +191,11 @@ def build(name, cfg, state):
         model = transformers.LlamaForCausalLM(cfg)
         model.load_state_dict(state)
         apply_liger_kernel_to_llama(model=model)  # rope, rms_norm, swiglu, fused linear cross-entropy
-        return model, step_hf_padfree_liger
+        return model, step_hf_padfree_liger, contextlib.nullcontext()
     cfg._attn_implementation = "sdpa" if name == "padded" else "flex_attention"
     model = transformers.LlamaForCausalLM(cfg)
     model.load_state_dict(state)
-    return model, (step_padded if name == "padded" else step_hf_padfree)
+    return model, (step_padded if name == "padded" else step_hf_padfree), contextlib.nullcontext()
 
 
 def measure(name, model, step, batches, warmup):
@@ -203,6 +218,35 @@ def measure(name, model, step, batches, warmup):
               "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "first_step_loss": first_loss}
     print(json.dumps(result), flush=True)
     return result
+
+
+def profile_steps(model, step, batches) -> dict:
+    """Where the GPU time of ``batches`` (already warm) goes, per step: kernel categories and the busy share."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from profile_step import kernel_breakdown
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for docs, n_targets in batches:
+            model.zero_grad(set_to_none=True)
+            step(model, docs, n_targets)
+        torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - start) * 1000
+    breakdown = kernel_breakdown(prof, top=30)
+    per_step = lambda ms: ms / len(batches)  # noqa: E731
+    return {"steps": len(batches), "wall_ms_per_step": per_step(wall_ms),
+            "gpu_busy_ms_per_step": per_step(breakdown["gpu_busy_ms"]),
+            "categories_ms_per_step": {k: per_step(v) for k, v in breakdown["categories_ms"].items()},
+            "top_kernels": breakdown["top_kernels"], "top_cpu_ops": top_cpu_ops(prof, len(batches))}
+
+
+def top_cpu_ops(prof, steps: int, top: int = 20) -> list[dict]:
+    """Host time per step of the ops that spend most of it themselves (what keeps the GPU waiting, if anything)."""
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
+    return [{"op": e.key[:120], "self_cpu_ms_per_step": e.self_cpu_time_total / 1000 / steps,
+             "calls_per_step": e.count / steps} for e in events]
 
 
 def trainer_throughput(run_dir: str, warmup: int) -> dict:
@@ -232,7 +276,10 @@ def main():
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--intermediate", type=int, default=5632)
     parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="after timing, profile this many more steps of each contender (kernel categories)")
     parser.add_argument("--contenders", default="hf_padfree,hf_padfree_liger,hfpatch_eager,hfpatch_liger,hfpatch")
+    parser.add_argument("--data", help="with --source trainer: the run's --data (read with --overflow split)")
     parser.add_argument("--trainer-run", metavar="DIR", help="with --source trainer: an `hfpatch train` run dir on "
                         "the same documents; its tokens/s after --warmup steps is compared with each contender")
     args = parser.parse_args()
@@ -244,24 +291,28 @@ def main():
     import transformers
 
     from hfpatch import runtime
+    from hfpatch.train.build import count_parameters
 
     cfg = config(args)
     if args.source == "trainer":
-        step_docs = trainer_documents(args.tokens_per_step, args.steps + args.warmup)
+        step_docs = trainer_documents(args.tokens_per_step, args.steps + args.warmup, args.data)
     else:
         step_docs = [lognormal_documents(args.tokens_per_step, cfg.vocab_size, seed=s) for s in range(args.steps + args.warmup)]
     batches = [(docs, sum(len(d) - 1 for d in docs)) for docs in step_docs]
     torch.manual_seed(0)
     reference = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
     state = {k: v.clone() for k, v in reference.state_dict().items()}
-    n_params = sum(p.numel() for p in reference.parameters())
+    n_params = count_parameters(reference)[1]  # matmul parameters: the input embedding is a lookup, not 6 FLOPs a token
     del reference
     results = []
     for name in names:
         try:
-            model, step = build(name, cfg, state)
+            model, step, context = build(name, cfg, state)
             model = model.to(torch.bfloat16).cuda().train()
-            results.append(measure(name, model, step, batches, args.warmup))
+            with context:
+                results.append(measure(name, model, step, batches, args.warmup))
+                if args.profile:
+                    results[-1]["profile"] = profile_steps(model, step, batches[args.warmup:][:args.profile])
         except torch.OutOfMemoryError as exc:
             results.append({"contender": name, "error": f"out of memory: {str(exc)[:200]}"})
         except Exception as exc:  # a contender that cannot run here is reported, not fatal
@@ -288,7 +339,7 @@ def main():
     report = {
         "card": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__,
         "attention_backend": runtime.resolve_backend(None, probe), "fused_loss": runtime.fused_loss_kernel(probe.device),
-        "params": n_params, "config": vars(args), "results": results,
+        "params": n_params, "params_counted": "matmul (input embedding excluded)", "config": vars(args), "results": results,
     }
     if args.trainer_run:
         report["trainer"] = report_trainer

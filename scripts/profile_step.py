@@ -38,6 +38,29 @@ def category(name: str) -> str:
     return next((label for label, pattern in CATEGORIES if pattern.search(name)), "other (elementwise, norms, loss, copies)")
 
 
+def kernel_breakdown(prof, top: int = 15) -> dict:
+    """GPU time of a profile by kernel category, and its top kernels."""
+    per_category: dict[str, float] = defaultdict(float)
+    kernels = []
+    for event in prof.key_averages():
+        device_us = getattr(event, "self_device_time_total", None)
+        if device_us is None:
+            device_us = event.self_cuda_time_total
+        # "nccl:*" are NCCL's own ranges around its kernels: counting them too would double the time
+        if device_us <= 0 or event.device_type != torch.autograd.DeviceType.CUDA or event.key.startswith("nccl:"):
+            continue
+        per_category[category(event.key)] += device_us
+        kernels.append({"kernel": event.key[:120], "ms": device_us / 1000, "calls": event.count,
+                        "category": category(event.key)})
+    busy_ms = sum(per_category.values()) / 1000
+    return {
+        "gpu_busy_ms": busy_ms,
+        "categories_ms": {k: v / 1000 for k, v in sorted(per_category.items(), key=lambda kv: -kv[1])},
+        "categories_share": {k: v / 1000 / busy_ms for k, v in per_category.items()},
+        "top_kernels": sorted(kernels, key=lambda k: -k["ms"])[:top],
+    }
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
@@ -62,27 +85,13 @@ def main():
         started = time.perf_counter()
         seconds, _ = isp_run(model, docs, world, argparse.Namespace(warmup=1, steps=args.steps))
         wall = time.perf_counter() - started
-    per_category: dict[str, float] = defaultdict(float)
-    kernels = []
-    for event in prof.key_averages():
-        device_us = getattr(event, "self_device_time_total", None)
-        if device_us is None:
-            device_us = event.self_cuda_time_total
-        # "nccl:*" are NCCL's own ranges around its kernels: counting them too would double the time
-        if device_us <= 0 or event.device_type != torch.autograd.DeviceType.CUDA or event.key.startswith("nccl:"):
-            continue
-        per_category[category(event.key)] += device_us
-        kernels.append({"kernel": event.key[:120], "ms": device_us / 1000, "calls": event.count,
-                        "category": category(event.key)})
-    busy_ms = sum(per_category.values()) / 1000
+    breakdown = kernel_breakdown(prof)
     report = {
         "card": torch.cuda.get_device_name(), "torch": torch.__version__, "world": world, "sp": world,
         "tokens_per_gpu": args.tokens_per_gpu, "profiled_steps": args.steps + 1, "seconds_per_step": seconds,
-        "wall_ms_profiled": wall * 1000, "gpu_busy_ms": busy_ms,
+        "wall_ms_profiled": wall * 1000,
         "attention_backend": runtime.resolve_backend(None, torch.empty(1, 1, 64, dtype=torch.bfloat16, device="cuda")),
-        "categories_ms": {k: v / 1000 for k, v in sorted(per_category.items(), key=lambda kv: -kv[1])},
-        "categories_share": {k: v / 1000 / busy_ms for k, v in per_category.items()},
-        "top_kernels": sorted(kernels, key=lambda k: -k["ms"])[:15],
+        **breakdown,
     }
     if dist.get_rank() == 0:
         print(json.dumps(report, indent=2), flush=True)
