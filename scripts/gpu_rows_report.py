@@ -2,6 +2,7 @@
 """docs/gpu_rows.md from the JSON that scripts/gpu_rows.py writes: one table, one line per zoo row.
 
     python scripts/gpu_rows_report.py docs/bench/rows --out docs/gpu_rows.md
+    python scripts/gpu_rows_report.py RUN1 RUN2 --out docs/gpu_rows.md   # cells of RUN2 replace RUN1's
 
 A stage or row missing from the results shows as "not run". Needs only the standard library.
 """
@@ -9,6 +10,7 @@ A stage or row missing from the results shows as "not run". Needs only the stand
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -26,6 +28,33 @@ def load(results: Path) -> dict[str, dict]:
         if path.exists():
             stages[name] = json.loads(path.read_text())
     return stages
+
+
+def _measured(unit) -> bool:
+    return isinstance(unit, dict) and bool(unit.get("steps") or unit.get("status") == "ok")
+
+
+def merge(runs: list[dict[str, dict]]) -> dict[str, dict]:
+    """Several runs' stages as one: a later run's measured row (train: a row's layout; mamba: a part) replaces an
+    earlier one; what a later run did not measure keeps the earlier result."""
+    merged: dict[str, dict] = {}
+    for stages in runs:
+        for name, stage in stages.items():
+            if name not in merged:
+                merged[name] = copy.deepcopy(stage)
+                continue
+            into = merged[name]
+            if "rows" not in stage:  # mamba: speed and activations
+                into.update({part: stage[part] for part in ("speed", "activations") if _measured(stage.get(part))})
+                continue
+            rows = into.setdefault("rows", {})
+            for row, result in stage["rows"].items():
+                if name == "train":
+                    layouts = rows.setdefault(row, {})
+                    layouts.update({layout: unit for layout, unit in result.items() if _measured(unit) or layout not in layouts})
+                elif _measured(result) or row not in rows:
+                    rows[row] = result
+    return merged
 
 
 def _tokens(value: float | None) -> str:
@@ -183,13 +212,15 @@ def render(stages: dict[str, dict]) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("results", type=Path, help="the --out dir of scripts/gpu_rows.py")
+    parser.add_argument("results", type=Path, nargs="+", help="the --out dir of scripts/gpu_rows.py; several: "
+                        "later runs' measured cells replace earlier ones")
     parser.add_argument("--out", type=Path, default=Path("docs/gpu_rows.md"))
     args = parser.parse_args(argv)
     try:
-        text = render(load(args.results))
+        text = render(merge([load(results) for results in args.results]))
     except (ValueError, KeyError, json.JSONDecodeError) as exc:
-        print(f"error: {args.results}: cannot render the report ({type(exc).__name__}: {exc})", file=sys.stderr)
+        where = " ".join(map(str, args.results))
+        print(f"error: {where}: cannot render the report ({type(exc).__name__}: {exc})", file=sys.stderr)
         return 2
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_name(f".{args.out.name}.tmp")

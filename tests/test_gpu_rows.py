@@ -108,6 +108,28 @@ def test_report_renders_one_table_of_ten_rows(results, rows, tmp_path):
     assert any(line.startswith("- Mamba, whole model") for line in lines)
 
 
+def test_report_merges_runs_later_measured_cells_win(results, tmp_path):
+    """A later run that measured only llama2's padded layout (and failed its numerics) fills that cell; every other
+    cell keeps the first run's result."""
+    report = _script("gpu_rows_report")
+    first = report.load(results[0])
+    later = {"train": {**first["train"], "rows": {"llama2": {"padded": {**first["train"]["rows"]["llama2"]["padded"],
+                                                                       "tokens_per_s": 12345.0}}}},
+             "numerics": {**first["numerics"], "rows": {"llama2": {"status": "error", "error": "boom"}}}}
+    later_dir = tmp_path / "later"
+    later_dir.mkdir()
+    for name, stage in later.items():
+        (later_dir / f"{name}.json").write_text(json.dumps(stage))
+    out = tmp_path / "merged.md"
+    assert report.main([str(results[0]), str(later_dir), "--out", str(out)]) == 0
+    cells = {line.split(" | ")[0].removeprefix("| "): line.split(" | ") for line in out.read_text().splitlines()[4:]
+             if line.startswith("| ")}
+    assert cells["llama2"][3] == "12.3K" and cells["llama2"][1].startswith("pass: logits")
+    merged = report.merge([first, later])
+    assert merged["train"]["rows"]["llama2"]["packed"] == first["train"]["rows"]["llama2"]["packed"]
+    assert merged["train"]["rows"]["mamba"] == first["train"]["rows"]["mamba"]
+
+
 def test_report_of_an_empty_dir_is_one_error_line(tmp_path, capsys):
     assert _script("gpu_rows_report").main([str(tmp_path), "--out", str(tmp_path / "r.md")]) == 2
     err = capsys.readouterr().err
