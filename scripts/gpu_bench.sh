@@ -8,6 +8,7 @@
 #   bash scripts/gpu_bench.sh levers       # one GPU: peak memory and step time of the packing model at long rows,
 #                                          # memory levers off / --long-context (LEVER_TOKENS, default 65536 131072)
 #   bash scripts/gpu_bench.sh fast         # one GPU: env, checks, attention, packing vs the liger peer, trainer vs bare
+#   bash scripts/gpu_bench.sh trainer_vs_bare  # one GPU: `hfpatch train` against the bare fwd+bwd, same model and packs
 # Each stage has its own timeout ($STAGE_TIMEOUT s); a failed stage is reported and the next one runs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +20,25 @@ export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}" NCCL_NVLS_ENABLE=0 TORCH_S
 NGPU=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 TORCHRUN=(python3 -m torch.distributed.run --standalone)
 stage() { echo "== $(date +%T) $*"; timeout "${STAGE_TIMEOUT:-300}" "$@" || echo "!! stage failed (exit $?): $*"; }
+# the packing benchmark's model as `hfpatch train` settings
+ARCH=(--set model.hidden_size=2048 --set model.intermediate_size=5632 --set model.num_hidden_layers=16
+      --set model.num_attention_heads=16 --set model.num_key_value_heads=16 --set model.vocab_size=32000)
+long_docs() {  # the embedded corpus repeated 12 times (many full 16K rows, long rows filled); a large file: outside $RESULTS
+  local docs; docs=$(mktemp -d)/long_docs.jsonl
+  python3 -c 'import json, sys, pydoc_data.topics as t; docs = list(t.topics.values()) * 12
+open(sys.argv[1], "w").writelines(json.dumps({"text": d}) + "\n" for d in docs)' "$docs"
+  echo "$docs"
+}
+
+# the trainer itself on the packing model and full 16K-token packs (no epoch-end remainder in the timed steps),
+# then the bare fwd+bwd of the same documents; the first 5 steps (compile) untimed
+trainer_vs_bare() {
+  local docs; docs=$(long_docs)
+  stage python3 -m hfpatch.cli train llama2 --data "$docs" --overflow split --seq-len 16384 --micro-num 1 --steps 30 \
+    --set log_every=1 --set save_checkpoints=false --out "$RESULTS/train_fast" "${ARCH[@]}"
+  stage python3 scripts/bench_packing.py --source trainer --data "$docs" --tokens-per-step 16384 --steps 25 --warmup 5 \
+    --contenders hfpatch --trainer-run "$RESULTS/train_fast" --out "$RESULTS/trainer_vs_bare.json"
+}
 
 case "${1:-}" in
   max_length)
@@ -41,24 +61,14 @@ case "${1:-}" in
     stage python3 scripts/gpu_check.py --out "$RESULTS/gpu_check_1gpu.json"
     stage python3 scripts/bench_attention.py --out "$RESULTS/attention.json"
     STAGE_TIMEOUT=420 stage python3 scripts/bench_packing.py --out "$RESULTS/packing.json"  # five contenders, some compiled
-    # the trainer itself on the packing model and 16K-token packs, then the bare fwd+bwd on its documents
-    ARCH=(--set model.hidden_size=2048 --set model.intermediate_size=5632 --set model.num_hidden_layers=16
-          --set model.num_attention_heads=16 --set model.num_key_value_heads=16 --set model.vocab_size=32000)
-    stage python3 -m hfpatch.cli train llama2 --seq-len 16384 --micro-num 1 --steps 12 --set log_every=1 \
-      --out "$RESULTS/train_fast" "${ARCH[@]}"
-    stage python3 scripts/bench_packing.py --source trainer --tokens-per-step 16384 --steps 9 --warmup 3 \
-      --contenders hfpatch --trainer-run "$RESULTS/train_fast" --out "$RESULTS/trainer_vs_bare.json" ;;
+    trainer_vs_bare ;;
+  trainer_vs_bare) trainer_vs_bare ;;
   rows)
     STAGE_TIMEOUT=$(( ${ROWS_DEADLINE:-320} + 60 )) stage python3 scripts/gpu_rows.py --out "$RESULTS/rows" --two-gpus \
       --deadline "${ROWS_DEADLINE:-320}" ${ROWS_ARGS:-}
     stage python3 scripts/gpu_rows_report.py "$RESULTS/rows" --out "$RESULTS/rows/gpu_rows.md" ;;
   levers)
-    # the embedded corpus repeated until it fills the longest row several times; outside $RESULTS (large)
-    DOCS=$(mktemp -d)/long_docs.jsonl
-    python3 -c 'import json, sys, pydoc_data.topics as t; docs = list(t.topics.values()) * 12
-open(sys.argv[1], "w").writelines(json.dumps({"text": d}) + "\n" for d in docs)' "$DOCS"
-    ARCH=(--set model.hidden_size=2048 --set model.intermediate_size=5632 --set model.num_hidden_layers=16
-          --set model.num_attention_heads=16 --set model.num_key_value_heads=16 --set model.vocab_size=32000)
+    DOCS=$(long_docs)
     for tokens in ${LEVER_TOKENS:-65536 131072}; do
       for levers in plain long-context; do
         flags=(); [ "$levers" = long-context ] && flags=(--long-context)
@@ -67,5 +77,5 @@ open(sys.argv[1], "w").writelines(json.dumps({"text": d}) + "\n" for d in docs)'
           --out "$RESULTS/levers_${levers}_$tokens"
       done
     done ;;
-  *) echo "usage: $0 max_length|suite|fast|rows|levers" >&2; exit 2 ;;
+  *) echo "usage: $0 max_length|suite|fast|trainer_vs_bare|rows|levers" >&2; exit 2 ;;
 esac
