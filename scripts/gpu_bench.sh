@@ -10,6 +10,7 @@
 #   bash scripts/gpu_bench.sh fast         # one GPU: env, checks, attention, packing vs the liger peer, trainer vs bare
 #   bash scripts/gpu_bench.sh trainer_vs_bare  # one GPU: `hfpatch train` against the bare fwd+bwd, same model and packs
 # Each stage has its own timeout ($STAGE_TIMEOUT s); a failed stage is reported and the next one runs.
+# RESULTS_TAR=FILE.tgz: everything under $RESULTS (checkpoints excluded) also as one archive at the end.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=${RESULTS:-docs/bench}
@@ -79,3 +80,7 @@ case "${1:-}" in
     done ;;
   *) echo "usage: $0 max_length|suite|fast|trainer_vs_bare|rows|levers" >&2; exit 2 ;;
 esac
+# one archive of the results, for a runner that brings back only a few files (RESULTS_TAR=path.tgz)
+if [ -n "${RESULTS_TAR:-}" ]; then
+  tar czf "$RESULTS_TAR" --exclude=checkpoints -C "$(dirname "$RESULTS")" "$(basename "$RESULTS")" && echo "results in $RESULTS_TAR"
+fi
