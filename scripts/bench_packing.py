@@ -148,27 +148,37 @@ def step_hfpatch(model, docs, n_targets, fused_loss=False):
     return loss.item()
 
 
-@contextlib.contextmanager
-def liger_on_patched(model):
-    """liger's RMSNorm and SwiGLU on the patched model's modules, its RoPE in the patched module while the
-    contender runs: the module is shared with the other hfpatch contenders, which must run the zoo's own RoPE."""
+def globals_restored_after(*modules):
+    """A context whose exit puts these modules' globals back as they are now. liger rebinds transformers' llama
+    RoPE, RMSNorm and MLP in place, and the patched model's RoPE is set in its (shared) module: restored, the
+    contenders that follow run their own code whatever the order."""
+    saved = [(module, dict(vars(module))) for module in modules]
+
+    @contextlib.contextmanager
+    def restoring():
+        try:
+            yield
+        finally:
+            for module, attrs in saved:
+                vars(module).update(attrs)
+
+    return restoring()
+
+
+def apply_liger_to_patched(model) -> None:
+    """liger's RMSNorm and SwiGLU on the patched model's modules, its RoPE in the patched module."""
     from liger_kernel.transformers import apply_liger_kernel_to_llama
     from liger_kernel.transformers.rope import liger_rotary_pos_emb
 
     apply_liger_kernel_to_llama(rope=False, rms_norm=True, swiglu=True, cross_entropy=False,
                                 fused_linear_cross_entropy=False, model=model)
-    module = sys.modules[type(model).__module__]
-    own = module.apply_rotary_pos_emb
-    module.apply_rotary_pos_emb = liger_rotary_pos_emb
-    try:
-        yield
-    finally:
-        module.apply_rotary_pos_emb = own
+    sys.modules[type(model).__module__].apply_rotary_pos_emb = liger_rotary_pos_emb
 
 
 def build(name, cfg, state):
     """(model, step function, the context it runs in) of one contender, weights from ``state``."""
     import transformers
+    from transformers.models.llama import modeling_llama
 
     from hfpatch import modeling, zoo
     from hfpatch.train.output_head import defer_output_projection
@@ -177,12 +187,14 @@ def build(name, cfg, state):
     if name.startswith("hfpatch"):
         model = modeling.model_class(zoo.resolve("llama2"))(cfg)
         model.load_state_dict(state)
+        context = globals_restored_after(modeling_llama, sys.modules[type(model).__module__])
         fused = name != "hfpatch_eager"
         if fused:
             defer_output_projection(model, "llama2")
+        if name == "hfpatch_liger":
+            apply_liger_to_patched(model)
         if name == "hfpatch":
             compile_decoder_layers(model)
-        context = liger_on_patched(model) if name == "hfpatch_liger" else contextlib.nullcontext()
         return model, lambda m, docs, n: step_hfpatch(m, docs, n, fused_loss=fused), context
     if name == "hf_padfree_liger":
         from liger_kernel.transformers import apply_liger_kernel_to_llama
@@ -190,8 +202,9 @@ def build(name, cfg, state):
         cfg._attn_implementation = "flex_attention"
         model = transformers.LlamaForCausalLM(cfg)
         model.load_state_dict(state)
+        context = globals_restored_after(modeling_llama)
         apply_liger_kernel_to_llama(model=model)  # rope, rms_norm, swiglu, fused linear cross-entropy
-        return model, step_hf_padfree_liger, contextlib.nullcontext()
+        return model, step_hf_padfree_liger, context
     cfg._attn_implementation = "sdpa" if name == "padded" else "flex_attention"
     model = transformers.LlamaForCausalLM(cfg)
     model.load_state_dict(state)

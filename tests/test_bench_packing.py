@@ -1,0 +1,68 @@
+"""scripts/bench_packing.py's inputs and contenders on the CPU: what its GPU numbers rest on."""
+
+import importlib.util
+import sys
+import types
+
+import pytest
+from transformers import LlamaConfig
+from transformers.models.llama import modeling_llama
+
+from test_train_common import REPO, train_env  # noqa: F401  (a private zoo and cache)
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_packing", REPO / "scripts" / "bench_packing.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_log_normal_step_has_exactly_the_tokens_asked(bench):
+    """A step of another length is a new shape: a compiled contender would recompile inside the timed window."""
+    for seed in range(40):
+        docs = bench.lognormal_documents(16384, 32000, seed)
+        assert sum(len(d) for d in docs) == 16384 and all(len(d) <= 4096 for d in docs)
+
+
+@pytest.fixture
+def fake_liger(monkeypatch):
+    """liger-kernel's llama entry point as it behaves: it rebinds transformers' llama module globals in place."""
+    def apply(rope=True, rms_norm=True, swiglu=True, model=None, **_):
+        if rope:
+            modeling_llama.apply_rotary_pos_emb = "liger rope"
+        if rms_norm:
+            modeling_llama.LlamaRMSNorm = "liger rmsnorm"
+
+    package, transformers_part, rope = (types.ModuleType(n) for n in (
+        "liger_kernel", "liger_kernel.transformers", "liger_kernel.transformers.rope"))
+    transformers_part.apply_liger_kernel_to_llama = apply
+    rope.liger_rotary_pos_emb = "liger rope"
+    for module in (package, transformers_part, rope):
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+    for name in ("apply_rotary_pos_emb", "LlamaRMSNorm"):  # put back at teardown even if a test fails midway
+        monkeypatch.setattr(modeling_llama, name, getattr(modeling_llama, name))
+
+
+@pytest.mark.parametrize("contender", ["hf_padfree_liger", "hfpatch_liger"])
+def test_a_liger_contender_leaves_the_modules_as_it_found_them(bench, fake_liger, train_env, contender):  # noqa: F811
+    """Measured after it, the default `hfpatch` contender once ran liger's RoPE (a graph break in every layer)."""
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2)
+    own_rope, own_norm = modeling_llama.apply_rotary_pos_emb, modeling_llama.LlamaRMSNorm
+    reference = bench.build("hfpatch_eager", config, _state(config))[0]
+    patched = sys.modules[type(reference).__module__]
+    patched_rope = patched.apply_rotary_pos_emb
+    _, _, context = bench.build(contender, config, _state(config))
+    with context:
+        assert modeling_llama.LlamaRMSNorm == "liger rmsnorm"
+        assert (patched.apply_rotary_pos_emb == "liger rope") == (contender == "hfpatch_liger")
+    assert modeling_llama.apply_rotary_pos_emb is own_rope and modeling_llama.LlamaRMSNorm is own_norm
+    assert patched.apply_rotary_pos_emb is patched_rope
+
+
+def _state(config):
+    from hfpatch import modeling, zoo
+
+    return modeling.model_class(zoo.resolve("llama2"))(config).state_dict()
