@@ -14,22 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 import torch
 
+sys.path.insert(0, os.path.dirname(__file__))
+
+from bench_attention import timed  # noqa: E402
+
 BF16_PEAK = 989e12
-
-
-def time_ms(fn, reps: int) -> float:
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
 
 
 def projection_ms(tokens: int, n_in: int, n_out: int, reps: int) -> dict:
@@ -37,7 +30,7 @@ def projection_ms(tokens: int, n_in: int, n_out: int, reps: int) -> dict:
     x = torch.randn(tokens, n_in, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n_out, n_in, device="cuda", dtype=torch.bfloat16)
     dy = torch.randn(tokens, n_out, device="cuda", dtype=torch.bfloat16)
-    ms = time_ms(lambda: x @ w.t(), reps) + time_ms(lambda: dy @ w, reps) + time_ms(lambda: dy.t() @ x, reps)
+    ms = 1000 * sum(timed(fn, repeats=reps) for fn in (lambda: x @ w.t(), lambda: dy @ w, lambda: dy.t() @ x))
     flops = 6 * tokens * n_in * n_out
     return {"shape": [tokens, n_in, n_out], "ms": ms, "tflops": flops / ms / 1e9}
 
