@@ -160,6 +160,36 @@ def test_compile_takes_dense_layers_whole_and_the_norms_of_moe_layers(train_env)
     assert compile_decoder_layers(moe) == ["input_layernorm", "post_attention_layernorm"]
 
 
+def test_compiled_layers_break_only_at_attention_and_stop_compiling_after_the_second_pack(train_env):
+    """The GPU default's design: each dense layer is two graphs around the eager attention call, and packs with other
+    document counts and longest documents (the same token count, as the trainer's rows) compile nothing new once
+    the second pack has made the layer dynamic. A leaked foreign kernel or a guard on the pack would show here."""
+    from torch._dynamo.utils import counters
+
+    from hfpatch import modeling, runtime, zoo
+    from hfpatch.train.parallelize import compile_decoder_layers
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = modeling.build_model(zoo.resolve("llama2"))
+    compile_decoder_layers(model)
+    frames = []
+    for lengths in ([20, 12], [8, 8, 16], [32], [5, 7, 9, 11], [10, 22]):
+        cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+        positions = torch.cat([torch.arange(n) for n in lengths])[None]
+        with runtime.packed_batch(cu_seqlens, max(lengths)):
+            out = model(input_ids=torch.randint(0, 100, (1, 32)), position_ids=positions, use_cache=False)
+        out.logits.sum().backward()
+        frames.append(counters["frames"]["ok"])
+    layers = len(model.model.layers)
+    try:
+        assert frames[0] == 2 * layers and len(set(frames[1:])) == 1 and frames[1] <= 4 * layers
+        breaks = {reason.splitlines()[0] for reason in counters["graph_break"]}
+        assert counters["graph_break"] and all("isp_flash_attn_varlen_func" in r for r in counters["graph_break"]), breaks
+    finally:
+        torch._dynamo.reset()
+
+
 def test_long_context_levers_change_nothing(reference, tmp_path):
     """--long-context: checkpointing, activation offload (host copies on a CPU) and a 48-token MLP tile (several per
     128-token pack, the last one short) give the reference curve and weights."""
