@@ -61,7 +61,7 @@ case "${1:-}" in
     python3 -m hfpatch.cli env > "$RESULTS/env.txt" 2>&1; cat "$RESULTS/env.txt"
     stage python3 scripts/gpu_check.py --out "$RESULTS/gpu_check_1gpu.json"
     stage python3 scripts/bench_attention.py --out "$RESULTS/attention.json"
-    STAGE_TIMEOUT=420 stage python3 scripts/bench_packing.py --out "$RESULTS/packing.json"  # five contenders, some compiled
+    STAGE_TIMEOUT=420 stage python3 scripts/bench_packing.py --out "$RESULTS/packing.json" --profile 2  # five contenders
     trainer_vs_bare ;;
   trainer_vs_bare) trainer_vs_bare ;;
   rows)
