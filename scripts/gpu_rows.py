@@ -125,8 +125,8 @@ LLAVA_SAMPLES = {"gpu": 6, "tiny": 3}
 FLUX_SHAPES = {"gpu": ((32, 32, 77), (16, 24, 40), (8, 8, 12)), "tiny": ((4, 4, 5), (2, 6, 4), (3, 3, 3))}
 PACK_MULTIPLE = {"gpu": 64, "tiny": 8}  # packs end in a padding segment, as the trainer's do
 # Flux's per-sample runs take diffusers' own attention (torch SDPA) without cuDNN's kernel: on the H200 (torch
-# 2.11, bf16) SDPA picked it for these samples and its gradients were NaN (an illegal memory access in one run);
-# flash / memory-efficient SDPA on the same inputs give finite gradients within bf16 of the float32 reference.
+# 2.11, bf16) SDPA picked it for these samples and its gradients were NaN (an earlier run of this harness ended in
+# an illegal memory access); flash / memory-efficient SDPA give finite gradients within bf16 of the float32 reference.
 FLUX_REFERENCE_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
