@@ -211,22 +211,24 @@ def build(name, cfg, state):
     return model, (step_padded if name == "padded" else step_hf_padfree), contextlib.nullcontext()
 
 
-def measure(name, model, step, batches, warmup):
-    model.zero_grad(set_to_none=True)
-    first_loss = step(model, *batches[0])
-    for batch in batches[1:warmup]:
-        model.zero_grad(set_to_none=True)
-        step(model, *batch)
+def timed_steps(model, step, batches) -> tuple[float, int]:
+    """Seconds and real tokens of ``batches``, each a step from zero gradients, GPU work included."""
     torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    tokens = 0
-    for docs, n_targets in batches[warmup:]:
+    start, tokens = time.perf_counter(), 0
+    for docs, n_targets in batches:
         model.zero_grad(set_to_none=True)
         step(model, docs, n_targets)
         tokens += sum(len(d) for d in docs)
     torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+    return time.perf_counter() - start, tokens
+
+
+def measure(name, model, step, batches, warmup):
+    model.zero_grad(set_to_none=True)
+    first_loss = step(model, *batches[0])
+    timed_steps(model, step, batches[1:warmup])
+    torch.cuda.reset_peak_memory_stats()
+    seconds, tokens = timed_steps(model, step, batches[warmup:])
     result = {"contender": name, "real_tokens_per_s": tokens / seconds, "seconds": seconds, "real_tokens": tokens,
               "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "first_step_loss": first_loss}
     print(json.dumps(result), flush=True)
@@ -239,17 +241,11 @@ def profile_steps(model, step, batches) -> dict:
 
     from profile_step import kernel_breakdown
 
-    torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        start = time.perf_counter()
-        for docs, n_targets in batches:
-            model.zero_grad(set_to_none=True)
-            step(model, docs, n_targets)
-        torch.cuda.synchronize()
-        wall_ms = (time.perf_counter() - start) * 1000
+        seconds, _ = timed_steps(model, step, batches)
     breakdown = kernel_breakdown(prof, top=30)
     per_step = lambda ms: ms / len(batches)  # noqa: E731
-    return {"steps": len(batches), "wall_ms_per_step": per_step(wall_ms),
+    return {"steps": len(batches), "wall_ms_per_step": per_step(seconds * 1000),
             "gpu_busy_ms_per_step": per_step(breakdown["gpu_busy_ms"]),
             "categories_ms_per_step": {k: per_step(v) for k, v in breakdown["categories_ms"].items()},
             "top_kernels": breakdown["top_kernels"], "top_cpu_ops": top_cpu_ops(prof, len(batches))}
