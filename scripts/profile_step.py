@@ -46,8 +46,10 @@ def kernel_breakdown(prof, top: int = 15) -> dict:
         device_us = getattr(event, "self_device_time_total", None)
         if device_us is None:
             device_us = event.self_cuda_time_total
-        # "nccl:*" are NCCL's own ranges around its kernels: counting them too would double the time
-        if device_us <= 0 or event.device_type != torch.autograd.DeviceType.CUDA or event.key.startswith("nccl:"):
+        # ranges on the GPU timeline (record_function's, such as "Optimizer.step#AdamW.step" or "FSDP::...", and
+        # NCCL's "nccl:*") span kernels counted on their own: counting them too would double the time
+        annotation = getattr(event, "is_user_annotation", False) or event.key.startswith("nccl:")
+        if device_us <= 0 or event.device_type != torch.autograd.DeviceType.CUDA or annotation:
             continue
         per_category[category(event.key)] += device_us
         kernels.append({"kernel": event.key[:120], "ms": device_us / 1000, "calls": event.count,
