@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hfpatch import runtime
 from hfpatch.runtime import (
     AttentionBackendError,
     dense_attention,
@@ -163,6 +164,20 @@ def test_validation_is_cached_but_sees_in_place_edits():
     cu[1] = 40  # bumps the tensor version: checked again
     with pytest.raises(ValueError, match="non-decreasing"):
         validate_cu_seqlens(cu, 36)
+
+
+def test_a_pack_moved_from_the_host_is_checked_without_reading_the_device_copy_back():
+    # a meta tensor has no values to read: checking it must use the host's copy (on a GPU: no sync)
+    with runtime.packed_batch(torch.tensor([0, 12, 36], dtype=torch.int32), device="meta"):
+        on_device = runtime.gpc.config.data["cu_seqlens_data_rank0"]
+        assert on_device.device.type == "meta"
+        assert runtime.gpc.config.data["max_seqlen_data_rank0"] == 24
+        assert validate_cu_seqlens(on_device, 36, 24) == [0, 12, 36]
+        with pytest.raises(ValueError, match="ends at 36 but the pack has 30 tokens"):
+            validate_cu_seqlens(on_device, 30)
+        on_device.add_(0)  # changed in place: the host's copy no longer describes it
+        with pytest.raises(NotImplementedError):
+            validate_cu_seqlens(on_device, 36)
 
 
 def test_head_errors():

@@ -47,6 +47,24 @@ class AttentionBackendError(RuntimeError):
 # cu_seqlens is the same tensor for every layer of a step: check it (a device sync)
 # once. A weakref, not id(), so a new tensor at a reused address is checked again.
 _validated: deque = deque(maxlen=16)
+# Device copies whose values the host already has (set_packed_batch moved them there): checking them reads
+# nothing back, so the first attention call of a step does not wait for the GPU to drain.
+_host_values: deque = deque(maxlen=16)
+
+
+def remember_host_values(cu_seqlens: torch.Tensor, values: list[int]) -> None:
+    """Record that ``cu_seqlens`` (as it is now) holds ``values``; :func:`validate_cu_seqlens` uses them."""
+    try:
+        _host_values.append((weakref.ref(cu_seqlens), cu_seqlens._version, values))
+    except RuntimeError:  # inference tensors have no version counter
+        pass
+
+
+def _values(cu_seqlens: torch.Tensor) -> list[int]:
+    for ref, version, values in _host_values:
+        if ref() is cu_seqlens and cu_seqlens._version == version:
+            return values
+    return cu_seqlens.tolist()
 
 
 def validate_cu_seqlens(
@@ -68,7 +86,7 @@ def validate_cu_seqlens(
     for ref, checked, values in _validated:
         if key is not None and ref() is cu_seqlens and checked == key:
             return values
-    values = cu_seqlens.tolist()
+    values = _values(cu_seqlens) if key is not None else cu_seqlens.tolist()
     if values[0] != 0:
         raise ValueError(f"{name} must start at 0, got {values[0]}")
     lengths = [b - a for a, b in zip(values, values[1:])]

@@ -197,12 +197,18 @@ def set_packed_batch(cu_seqlens, max_seqlen: int | None = None, *, device=None) 
     """
     import torch
 
+    from .attention import remember_host_values
+
     if not torch.is_tensor(cu_seqlens):
         cu_seqlens = torch.tensor(list(cu_seqlens), dtype=torch.int32)
+    host_values = cu_seqlens.tolist() if cu_seqlens.device.type == "cpu" else None
     if device is not None:
         cu_seqlens = cu_seqlens.to(device)
+        if host_values is not None and cu_seqlens.device.type != "cpu":
+            remember_host_values(cu_seqlens, host_values)
     if max_seqlen is None:
-        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item()) if cu_seqlens.numel() > 1 else 0
+        values = host_values if host_values is not None else cu_seqlens.tolist()
+        max_seqlen = max((b - a for a, b in zip(values, values[1:])), default=0)
     rank = gpc.get_local_rank(ParallelMode.DATA)
     data = gpc.config.data
     data["use_packed_dataset"] = True
