@@ -1,5 +1,6 @@
 """gpc with no runtime, config access, packed-batch publication, setup errors, init."""
 
+import copy
 import math
 
 import pytest
@@ -110,3 +111,19 @@ def test_init_functions_fill_in_place():
     w = torch.nn.Linear(4, 4).weight  # a leaf that requires grad
     rt.normal_(mean=1.0, std=0.0)(w)
     assert torch.equal(w.detach(), torch.ones(4, 4))
+
+
+def test_one_rank_weight_parallel_keeps_the_gradients_without_dividing_them():
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2)).double()
+    sharded = copy.deepcopy(plain)
+    x = torch.randn(4, 8, dtype=torch.float64)
+    plain(x).square().sum().backward()
+    with rt.parallel_context(sequence_parallel=1, weight_parallel=1):
+        rt.apply_weight_parallel(sharded, layers=list(sharded))
+        with torch.profiler.profile() as prof:
+            sharded(x).square().sum().backward()
+        grads = {name: p.grad.full_tensor() for name, p in sharded.named_parameters()}
+    assert "aten::div" not in {event.key for event in prof.key_averages()}  # FSDP2's divide by a factor of 1
+    for name, p in plain.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=0, atol=0)

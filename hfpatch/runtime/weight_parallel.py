@@ -74,7 +74,9 @@ def apply_weight_parallel(
     # FSDP2 itself chooses for a root: backward needs it first, and a loss computed after forward
     # (chunked_causal_lm_loss on the output head's weight) reads it.
     fully_shard(model, **{**kwargs, "reshard_after_forward": False})
-    if gradient_divide_factor is not None:
+    # Over a single rank the sum is the gradient itself; a factor (even 1.0) makes FSDP2 divide every gradient
+    # by it, one more pass over them each step.
+    if gradient_divide_factor is not None and fsdp_mesh.size() > 1:
         for module in model.modules():
             if isinstance(module, FSDPModule):
                 module.set_gradient_divide_factor(gradient_divide_factor)
