@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from hfpatch import runtime
+from hfpatch.train import parallelize as parallelize_module
 from hfpatch.train.offload import ActivationOffload
 from hfpatch.train.tiling import tile_mlps
 from conformance import DEFAULT_DOCUMENTS, case, documents
@@ -66,3 +67,13 @@ def test_tiling_leaves_moe_blocks_alone_and_refuses_empty_tiles():
     assert tile_mlps(modeling.build_model(zoo.resolve("mixtral")), 4) == 0
     with pytest.raises(ValueError, match="chunk_tokens must be positive"):
         tile_mlps(modeling.build_model(zoo.resolve("llama2")), 0)
+
+
+@pytest.mark.parametrize("reshard", [True, False])
+def test_parallelize_hands_the_reshard_setting_to_fsdp2(monkeypatch, reshard):
+    seen = {}
+    monkeypatch.setattr(parallelize_module, "apply_weight_parallel", lambda model, **kwargs: seen.update(kwargs))
+    monkeypatch.setattr(parallelize_module.dist, "get_backend", lambda: "nccl")
+    parallelize_module.parallelize(torch.nn.Linear(2, 2), world=1, activation_checkpointing=False,
+                                   compute_dtype=torch.bfloat16, reshard_after_forward=reshard)
+    assert seen["reshard_after_forward"] is reshard

@@ -155,6 +155,10 @@ SETTINGS: tuple[Setting, ...] = (
             default_help="8192 with --long-context, else 0"),
     Setting("cpu_offload", False, (bool,), "FSDP2 keeps parameters, gradients and optimizer state in host memory "
             "(the optimizer steps on the CPU)", flag="--cpu-offload/--no-cpu-offload", default_help="off"),
+    Setting("reshard_after_forward", True, (bool,), "FSDP2 frees each layer's gathered compute-dtype weights after "
+            "forward and gathers them again in backward; off keeps them (+2 bytes a parameter, one cast pass a step "
+            "less)", flag="--reshard-after-forward/--no-reshard-after-forward",
+            default_help="on"),
     Setting("isp_overlap", 0, (int,), "ISP: exchange the heads in N groups so each group's all-to-alls overlap "
             "another group's attention; 0 = one exchange", flag="--isp-overlap", metavar="N", minimum=0),
     Setting("loss_chunk", 0, (int,), "compute the LM loss this many tokens at a time, so the logits of a long sequence "

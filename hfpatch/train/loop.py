@@ -171,7 +171,7 @@ class _Trainer:
         self.model = parallelize(
             model, world=self.world, activation_checkpointing=self.levers.checkpointing,
             compute_dtype=compute_dtype(cfg.dtype, self.device), compile_layers=self.compile,
-            cpu_offload=self.levers.cpu_offload,
+            cpu_offload=self.levers.cpu_offload, reshard_after_forward=self.cfg.reshard_after_forward,
         )
         self.activation_offload = ActivationOffload() if self.levers.offload_activations else None
         self.optimizer = build_optimizer(self.model, cfg)

@@ -69,12 +69,14 @@ def _recompute_in_backward(layer: torch.nn.Module) -> None:
 
 def parallelize(
     model: torch.nn.Module, *, world: int, activation_checkpointing: bool | float, compute_dtype: torch.dtype | None = None,
-    compile_layers: bool = False, cpu_offload: bool = False,
+    compile_layers: bool = False, cpu_offload: bool = False, reshard_after_forward: bool = True,
 ) -> torch.nn.Module:
     """FSDP2 whenever there is more than one rank, mixed precision or host offload is wanted (one GPU too).
 
     ``activation_checkpointing``: True / False, or the fraction of decoder layers that recompute.
-    ``cpu_offload``: FSDP2 keeps the sharded parameters, their gradients (and so the optimizer) on the host."""
+    ``cpu_offload``: FSDP2 keeps the sharded parameters, their gradients (and so the optimizer) on the host.
+    ``reshard_after_forward``: FSDP2 frees each layer's gathered weights after forward (and gathers them again
+    in backward)."""
     if compile_layers:
         compile_decoder_layers(model)
     if activation_checkpointing:
@@ -83,7 +85,8 @@ def parallelize(
         # Every rank (ISP and data parallel alike) holds part of the gradient, and
         # the loss is already normalised by the global token count: FSDP2 sums.
         policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype else None
-        apply_weight_parallel(model, mp_policy=policy, offload_policy=CPUOffloadPolicy() if cpu_offload else None)
+        apply_weight_parallel(model, mp_policy=policy, offload_policy=CPUOffloadPolicy() if cpu_offload else None,
+                              reshard_after_forward=reshard_after_forward)
         if dist.get_backend() == "gloo":
             _force_sum_reductions(model)
     return model
