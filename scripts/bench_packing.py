@@ -137,8 +137,8 @@ def step_hfpatch(model, docs, n_targets, fused_loss=False):
 
     ids, positions, labels = packed_inputs(docs)
     lengths = torch.tensor([0] + [len(d) for d in docs])
-    cu = torch.cumsum(lengths, 0).to(torch.int32).cuda()
-    with runtime.packed_batch(cu, max(len(d) for d in docs)):
+    cu = torch.cumsum(lengths, 0).to(torch.int32)
+    with runtime.packed_batch(cu, max(len(d) for d in docs), device="cuda"):  # as the trainer: moved from the host
         out = model(input_ids=ids, position_ids=positions, use_cache=False).logits
     if fused_loss:
         loss = runtime.fused_linear_causal_lm_loss(out, output_weight(model), labels, num_valid_tokens=n_targets)
@@ -289,8 +289,9 @@ def main():
                         help="after timing, profile this many more steps of each contender (kernel categories)")
     parser.add_argument("--contenders", default="hf_padfree,hf_padfree_liger,hfpatch_eager,hfpatch_liger,hfpatch")
     parser.add_argument("--data", help="with --source trainer: the run's --data (read with --overflow split)")
-    parser.add_argument("--trainer-run", metavar="DIR", help="with --source trainer: an `hfpatch train` run dir on "
-                        "the same documents; its tokens/s after --warmup steps is compared with each contender")
+    parser.add_argument("--trainer-run", metavar="DIR", nargs="+", default=[], help="with --source trainer: "
+                        "`hfpatch train` run dirs on the same documents; each one's tokens/s after --warmup steps is "
+                        "compared with each contender")
     args = parser.parse_args()
     names = args.contenders.split(",")
     unknown = sorted(set(names) - set(CONTENDERS))
@@ -314,6 +315,12 @@ def main():
     n_params = count_parameters(reference)[1]  # matmul parameters: the input embedding is a lookup, not 6 FLOPs a token
     del reference
     results = []
+    probe = torch.empty(1, 1, args.hidden // args.heads, dtype=torch.bfloat16, device="cuda")
+    report = {
+        "card": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__,
+        "attention_backend": runtime.resolve_backend(None, probe), "fused_loss": runtime.fused_loss_kernel(probe.device),
+        "params": n_params, "params_counted": "matmul (input embedding excluded)", "config": vars(args), "results": results,
+    }
     for name in names:
         try:
             model, step, context = build(name, cfg, state)
@@ -329,6 +336,7 @@ def main():
             print(json.dumps(results[-1]), flush=True)
         model = None
         torch.cuda.empty_cache()
+        write_report(args.out, report)  # each contender's result kept as it comes (a run cut short still reports)
     measured = batches[args.warmup:]
     flops = 6 * n_params * sum(len(d) for docs, _ in measured for d in docs) + sum(
         attention_flops(docs, args.layers, args.hidden) for docs, _ in measured)
@@ -340,22 +348,22 @@ def main():
             for r in by_name.values():
                 r[f"speedup_vs_{peer}"] = r["real_tokens_per_s"] / by_name[peer]["real_tokens_per_s"]
                 r[f"loss_diff_vs_{peer}"] = abs(r["first_step_loss"] - by_name[peer]["first_step_loss"])
-    if args.trainer_run:
-        report_trainer = trainer_throughput(args.trainer_run, args.warmup)
-        for r in by_name.values():
-            r["trainer_fraction_of_bare"] = report_trainer["real_tokens_per_s"] / r["real_tokens_per_s"]
-    probe = torch.empty(1, 1, args.hidden // args.heads, dtype=torch.bfloat16, device="cuda")
-    report = {
-        "card": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "attention_backend": runtime.resolve_backend(None, probe), "fused_loss": runtime.fused_loss_kernel(probe.device),
-        "params": n_params, "params_counted": "matmul (input embedding excluded)", "config": vars(args), "results": results,
-    }
-    if args.trainer_run:
-        report["trainer"] = report_trainer
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as handle:
-        json.dump(report, handle, indent=2, default=str)
+    trainers = [trainer_throughput(run, args.warmup) for run in args.trainer_run]
+    for trainer in trainers:
+        trainer["fraction_of_bare"] = {name: trainer["real_tokens_per_s"] / r["real_tokens_per_s"]
+                                       for name, r in by_name.items()}
+    if trainers:
+        report["trainers"] = trainers
+    write_report(args.out, report)
     print(json.dumps(report, indent=2, default=str))
+
+
+def write_report(path: str, report: dict) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    partial = f"{path}.partial"
+    with open(partial, "w") as handle:
+        json.dump(report, handle, indent=2, default=str)
+    os.replace(partial, path)
 
 
 if __name__ == "__main__":
