@@ -3,7 +3,7 @@
 # stages needing more GPUs than present run on what there is). Results: $RESULTS (default docs/bench).
 #   bash scripts/gpu_bench.sh max_length   # 7B max-length bisection (deadline $DEADLINE s, default 540)
 #   bash scripts/gpu_bench.sh suite        # kernel checks, attention, MFU, profiles, ISP vs CP, LLaVA/Flux runs
-#   bash scripts/gpu_bench.sh rows         # every zoo row: numerics, training, Mamba's scan, 2 GPUs ($RESULTS/rows,
+#   bash scripts/gpu_bench.sh rows         # every zoo row: numerics, training (short documents), Mamba's scan, 2 GPUs ($RESULTS/rows,
 #                                          # $RESULTS/rows/gpu_rows.md; ~5 min, bounded by $ROWS_DEADLINE s, default 320)
 #   bash scripts/gpu_bench.sh levers       # one GPU: peak memory and step time of the packing model at long rows,
 #                                          # memory levers off / --long-context (LEVER_TOKENS, default 65536 131072)
@@ -31,14 +31,29 @@ open(sys.argv[1], "w").writelines(json.dumps({"text": d}) + "\n" for d in docs)'
   echo "$docs"
 }
 
-# the trainer itself on the packing model and full 16K-token packs (no epoch-end remainder in the timed steps),
-# then the bare fwd+bwd of the same documents; the first 5 steps (compile) untimed
+short_docs() {  # the embedded corpus cut into documents of 6 paragraphs (median 308 tokens), 4 times: what packing is for
+  local docs; docs=$(mktemp -d)/short_docs.jsonl
+  python3 -c 'import json, re, sys, pydoc_data.topics as t
+paragraphs = [[p for p in re.split(r"\n\s*\n", text) if p.strip()] for text in t.topics.values()]
+docs = ["\n\n".join(ps[i:i + 6]) for ps in paragraphs for i in range(0, len(ps), 6)] * 4
+open(sys.argv[1], "w").writelines(json.dumps({"text": d}) + "\n" for d in docs)' "$docs"
+  echo "$docs"
+}
+
+# the trainer itself on the packing model and full 16K-token packs (no epoch-end remainder in the timed steps): as it
+# runs by default, and with FSDP2 keeping the gathered weights from forward to backward; a short profiled run;
+# then the bare fwd+bwd of the same documents. The first 5 steps (compile) untimed.
 trainer_vs_bare() {
   local docs; docs=$(long_docs)
-  stage python3 -m hfpatch.cli train llama2 --data "$docs" --overflow split --seq-len 16384 --micro-num 1 --steps 30 \
-    --set log_every=1 --set save_checkpoints=false --out "$RESULTS/train_fast" "${ARCH[@]}"
+  local train=(llama2 --data "$docs" --overflow split --seq-len 16384 --micro-num 1 --set log_every=1
+               --set save_checkpoints=false "${ARCH[@]}")
+  stage python3 -m hfpatch.cli train "${train[@]}" --steps 30 --out "$RESULTS/train_fast"
+  stage python3 -m hfpatch.cli train "${train[@]}" --steps 30 --no-reshard-after-forward --out "$RESULTS/train_kept"
+  stage python3 scripts/profile_trainer.py --out "$RESULTS/trainer_profile.json" --profile-steps 8 9 -- \
+    "${train[@]}" --steps 9 --out "$RESULTS/train_profiled"
   stage python3 scripts/bench_packing.py --source trainer --data "$docs" --tokens-per-step 16384 --steps 25 --warmup 5 \
-    --contenders hfpatch --trainer-run "$RESULTS/train_fast" --out "$RESULTS/trainer_vs_bare.json"
+    --contenders hfpatch --profile 2 --trainer-run "$RESULTS/train_fast" "$RESULTS/train_kept" \
+    --out "$RESULTS/trainer_vs_bare.json"
 }
 
 case "${1:-}" in
@@ -66,7 +81,7 @@ case "${1:-}" in
   trainer_vs_bare) trainer_vs_bare ;;
   rows)
     STAGE_TIMEOUT=$(( ${ROWS_DEADLINE:-320} + 60 )) stage python3 scripts/gpu_rows.py --out "$RESULTS/rows" --two-gpus \
-      --deadline "${ROWS_DEADLINE:-320}" ${ROWS_ARGS:-}
+      --data "$(short_docs)" --deadline "${ROWS_DEADLINE:-320}" ${ROWS_ARGS:-}
     stage python3 scripts/gpu_rows_report.py "$RESULTS/rows" --out "$RESULTS/rows/gpu_rows.md" ;;
   levers)
     DOCS=$(long_docs)

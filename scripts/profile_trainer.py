@@ -1,0 +1,86 @@
+"""Where the GPU time of `hfpatch train`'s own steps goes: the real trainer (FSDP2, optimizer, clip, syncs),
+with steps FIRST..LAST under the torch profiler; the same report as `bench_packing.py --profile`.
+
+    python scripts/profile_trainer.py --out trainer_profile.json --profile-steps 8 9 -- llama2 --steps 9 ...
+
+Everything after ``--`` is `hfpatch train`'s command line (a run dir with checkpoints off is advised).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from bench_packing import top_cpu_ops  # noqa: E402
+from profile_step import kernel_breakdown  # noqa: E402
+
+
+def profile_trainer_steps(first: int, last: int) -> dict:
+    """Wraps the trainer's step so steps first..last run under the profiler; returns the report, filled at the end."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from hfpatch.train import loop
+
+    report: dict = {}
+    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+    step_seconds = []
+    one_step = loop._Trainer.one_step
+
+    def profiled_step(trainer):
+        step = trainer.state.step + 1
+        if step == first:
+            prof.start()
+        record = one_step(trainer)  # ends with a device synchronize
+        if first <= step <= last:
+            step_seconds.append(record["step_time_s"])
+        if step == last:
+            prof.stop()
+            steps = last - first + 1
+            breakdown = kernel_breakdown(prof, top=30)
+            report.update({
+                "steps": steps, "wall_ms_per_step": 1000 * sum(step_seconds) / steps,
+                "gpu_busy_ms_per_step": breakdown["gpu_busy_ms"] / steps,
+                "categories_ms_per_step": {k: v / steps for k, v in breakdown["categories_ms"].items()},
+                "top_kernels": breakdown["top_kernels"], "top_cpu_ops": top_cpu_ops(prof, steps),
+            })
+        return record
+
+    loop._Trainer.one_step = profiled_step
+    return report
+
+
+def main():
+    argv = sys.argv[1:]
+    split = argv.index("--") if "--" in argv else len(argv)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--profile-steps", type=int, nargs=2, default=(8, 9), metavar=("FIRST", "LAST"))
+    args = parser.parse_args(argv[:split])
+    first, last = args.profile_steps
+    if not 1 <= first <= last:
+        parser.error("--profile-steps wants 1 <= FIRST <= LAST")
+    from hfpatch.cli import main as hfpatch_main
+
+    report = profile_trainer_steps(first, last)
+    try:
+        hfpatch_main(["train", *argv[split + 1:]], standalone_mode=False)
+    finally:
+        if report:
+            report = {"card": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                      "torch": torch.__version__, "command": argv[split + 1:], **report}
+            with open(args.out, "w") as handle:
+                json.dump(report, handle, indent=2)
+            print(f"profile of steps {first}-{last} in {args.out}")
+        else:
+            print(f"!! the run ended before step {last}: no profile", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
