@@ -40,6 +40,7 @@ import platform
 import shlex
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -517,6 +518,9 @@ def summarize(records: list[dict]) -> dict:
     return {
         "steps": len(records), "warmup_steps": warmup,
         "tokens_per_s": sum(r["tokens"] for r in timed) / sum(r["step_time_s"] for r in timed),
+        # the steady rate: a step that meets a new pack shape can wait seconds for attention kernels to compile
+        "median_step_tokens_per_s": statistics.median(r["tokens"] / r["step_time_s"] for r in timed),
+        "slowest_step_s": max(r["step_time_s"] for r in timed),
         "mfu": sum(mfu) / len(mfu) if mfu else None, "peak_mem_gib": max(peak) if peak else None,
         "packing_efficiency": sum(r["packing_efficiency"] for r in records) / len(records),
         "loss_first": losses[0], "loss_last": losses[-1], "loss_min": min(losses),
@@ -763,6 +767,7 @@ def environment(args) -> dict:
         "attention_backend": attention_summary(env), "fused_loss": env.fused_loss, "dtype": str(args.dtype),
         "reference_dtype": str(args.reference_dtype), "steps": args.steps, "seq_len": args.seq_len,
         "micro_num": args.micro_num, "compile": args.compile, "all_rows": list(ROW_NAMES),
+        "data": str(args.data) if args.data else None,
     }
 
 

@@ -86,7 +86,12 @@ def _run_tokens(run: dict | None) -> str:
     if not run.get("steps"):
         return _short(run.get("stopped") or run.get("status", "not run"))
     partial = f" ({run['steps']} steps)" if run.get("stopped") else ""
-    return _tokens(run["tokens_per_s"]) + partial
+    return _tokens(steady_rate(run)) + partial
+
+
+def steady_rate(run: dict) -> float:
+    """The median step's tokens/s where the run recorded it (not a step waiting for kernels to compile), else the mean."""
+    return run.get("median_step_tokens_per_s") or run["tokens_per_s"]
 
 
 def train_cells(result: dict | None) -> list[str]:
@@ -94,7 +99,7 @@ def train_cells(result: dict | None) -> list[str]:
     packed, padded = (result or {}).get("packed"), (result or {}).get("padded")
     speedup = "—"
     if packed and padded and packed.get("steps") and padded.get("steps"):
-        speedup = f"{packed['tokens_per_s'] / padded['tokens_per_s']:.2f}×"
+        speedup = f"{steady_rate(packed) / steady_rate(padded):.2f}×"
     mfu = f"{packed['mfu']:.1%}" if packed and packed.get("mfu") is not None else "—"
     peaks = [f"{run['peak_mem_gib']:.2f}" if run and run.get("peak_mem_gib") is not None else "—" for run in (packed, padded)]
     loss = "—"
@@ -197,9 +202,10 @@ def render(stages: dict[str, dict]) -> str:
         "Packed passes when its error is at most 2× the alone run's plus a floor: as accurate as the per-document "
         "run in the same precision. A guard runs the pack with documents not kept apart; it must fail that rule.",
         f"- Training: `hfpatch train ROW` for {env['steps']} steps, {env['micro_num']} micro-batches of one "
-        f"{env['seq_len']}-token row a step ({'decoder layers compiled' if env['compile'] else 'eager'}), the embedded "
-        "corpus; padded runs train the same documents one per row (`--padded`). Real tokens/s over the steps after "
-        "the first 10%; MFU is the trainer's (6 × matmul parameters a token plus attention: causal, Flux's non-causal, "
+        f"{env['seq_len']}-token row a step ({'decoder layers compiled' if env['compile'] else 'eager'}), "
+        f"{'documents of `' + Path(env['data']).name + '`' if env.get('data') else 'the embedded corpus'}; padded runs "
+        "train the same documents one per row (`--padded`). Real tokens/s of the median step after the first 10% "
+        "(runs that recorded it; else the mean over those steps); MFU is the trainer's (6 × matmul parameters a token plus attention: causal, Flux's non-causal, "
         "none for Mamba); peak memory is "
         "torch's max allocated. Each run's exact command line is in train.json.",
         *mamba_lines(stages.get("mamba")),

@@ -67,6 +67,7 @@ def test_training_runs_packed_and_padded_on_the_same_documents(results):
         packed, padded = train[row]["packed"], train[row]["padded"]
         for run in (packed, padded):
             assert run["status"] == "ok" and run["steps"] == 2 and run["tokens_per_s"] > 0, run
+            assert run["median_step_tokens_per_s"] > 0 and run["slowest_step_s"] > 0
             assert all(math.isfinite(x) for x in run["losses"]) and run["peak_mem_gib"] is None  # CPU: no CUDA memory
             assert run["command"].startswith(f"hfpatch train {row} ") and "--set total_steps=2" in run["command"]
         assert "--set data.use_packed_dataset=False" in padded["command"]
@@ -114,7 +115,7 @@ def test_report_merges_runs_later_measured_cells_win(results, tmp_path):
     report = _script("gpu_rows_report")
     first = report.load(results[0])
     later = {"train": {**first["train"], "rows": {"llama2": {"padded": {**first["train"]["rows"]["llama2"]["padded"],
-                                                                       "tokens_per_s": 12345.0}}}},
+                                                                       "median_step_tokens_per_s": 12345.0}}}},
              "numerics": {**first["numerics"], "rows": {"llama2": {"status": "error", "error": "boom"}}}}
     later_dir = tmp_path / "later"
     later_dir.mkdir()
@@ -128,6 +129,12 @@ def test_report_merges_runs_later_measured_cells_win(results, tmp_path):
     merged = report.merge([first, later])
     assert merged["train"]["rows"]["llama2"]["packed"] == first["train"]["rows"]["llama2"]["packed"]
     assert merged["train"]["rows"]["mamba"] == first["train"]["rows"]["mamba"]
+
+
+def test_report_shows_the_median_step_rate_and_the_mean_of_runs_without_one():
+    report = _script("gpu_rows_report")
+    assert report.steady_rate({"tokens_per_s": 40e3, "median_step_tokens_per_s": 85e3}) == 85e3
+    assert report.steady_rate({"tokens_per_s": 40e3}) == 40e3  # a run recorded before the median was
 
 
 def test_report_of_an_empty_dir_is_one_error_line(tmp_path, capsys):
