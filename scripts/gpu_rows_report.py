@@ -205,9 +205,9 @@ def render(stages: dict[str, dict]) -> str:
         f"{env['seq_len']}-token row a step ({'decoder layers compiled' if env['compile'] else 'eager'}), "
         f"{'documents of `' + Path(env['data']).name + '`' if env.get('data') else 'the embedded corpus'}; padded runs "
         "train the same documents one per row (`--padded`). Real tokens/s of the median step after the first 10% "
-        "(runs that recorded it; else the mean over those steps); MFU is the trainer's (6 × matmul parameters a token plus attention: causal, Flux's non-causal, "
-        "none for Mamba); peak memory is "
-        "torch's max allocated. Each run's exact command line is in train.json.",
+        "(runs that recorded it; else the mean over those steps); MFU is the trainer's (6 × matmul parameters a "
+        "token plus attention: causal, Flux's non-causal, none for Mamba); peak memory is torch's max allocated. "
+        "Each run's exact command line is in train.json.",
         *mamba_lines(stages.get("mamba")),
     ]
     found = problems(stages)
