@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import json
 import math
 import os
@@ -228,9 +229,12 @@ def measure(name, model, step, batches, warmup):
     first_loss = step(model, *batches[0])
     timed_steps(model, step, batches[1:warmup])
     torch.cuda.reset_peak_memory_stats()
+    started = datetime.datetime.now()  # local time, as nvidia-smi's log stamps it (gpu_bench.sh packing)
     seconds, tokens = timed_steps(model, step, batches[warmup:])
     result = {"contender": name, "real_tokens_per_s": tokens / seconds, "seconds": seconds, "real_tokens": tokens,
-              "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "first_step_loss": first_loss}
+              "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "first_step_loss": first_loss,
+              "timed_window": [started.isoformat(timespec="milliseconds"),
+                               datetime.datetime.now().isoformat(timespec="milliseconds")]}
     print(json.dumps(result), flush=True)
     return result
 

@@ -8,6 +8,7 @@
 #   bash scripts/gpu_bench.sh levers       # one GPU: peak memory and step time of the packing model at long rows,
 #                                          # memory levers off / --long-context (LEVER_TOKENS, default 65536 131072)
 #   bash scripts/gpu_bench.sh fast         # one GPU: env, checks, attention, packing vs the liger peer, trainer vs bare
+#   bash scripts/gpu_bench.sh packing      # one GPU: the packing contenders, profiled, GPU clocks logged
 #   bash scripts/gpu_bench.sh trainer_vs_bare  # one GPU: `hfpatch train` against the bare fwd+bwd, same model and packs
 # Each stage has its own timeout ($STAGE_TIMEOUT s); a failed stage is reported and the next one runs.
 # RESULTS_TAR=FILE.tgz: everything under $RESULTS (checkpoints excluded) also as one archive at the end.
@@ -29,6 +30,16 @@ long_docs() {  # the embedded corpus repeated 12 times (many full 16K rows, long
   python3 -c 'import json, sys, pydoc_data.topics as t; docs = list(t.topics.values()) * 12
 open(sys.argv[1], "w").writelines(json.dumps({"text": d}) + "\n" for d in docs)' "$docs"
   echo "$docs"
+}
+
+# the peer and hfpatch's two fast contenders, profiled (~110 s each), with the card's SM clock and power draw logged
+# beside them (a GEMM-bound step may run at a lower clock under the power limit); PACKING_CONTENDERS to change
+packing() {
+  nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu --format=csv -lms 500 > "$RESULTS/gpu_clocks.csv" &
+  local clocks=$!
+  STAGE_TIMEOUT=420 stage python3 scripts/bench_packing.py --out "$RESULTS/packing.json" --profile 2 \
+    --contenders "${PACKING_CONTENDERS:-hf_padfree_liger,hfpatch,hfpatch_liger}"
+  kill "$clocks"
 }
 
 short_docs() {  # the embedded corpus cut into documents of 6 paragraphs (median 308 tokens), 4 times: what packing is for
@@ -72,12 +83,13 @@ case "${1:-}" in
     for model in llava flux; do
       stage python3 -m hfpatch.cli train "$model" --nproc "$SP" --sp "$SP" --steps 40 --out "$RESULTS/train_$model"
     done ;;
-  fast)
+  fast)  # ~10 min: on a runner with a 10-minute cap, run `packing` and `trainer_vs_bare` as two calls instead
     python3 -m hfpatch.cli env > "$RESULTS/env.txt" 2>&1; cat "$RESULTS/env.txt"
     stage python3 scripts/gpu_check.py --out "$RESULTS/gpu_check_1gpu.json"
     stage python3 scripts/bench_attention.py --out "$RESULTS/attention.json"
-    STAGE_TIMEOUT=420 stage python3 scripts/bench_packing.py --out "$RESULTS/packing.json" --profile 2  # five contenders
+    packing
     trainer_vs_bare ;;
+  packing) packing ;;
   trainer_vs_bare) trainer_vs_bare ;;
   rows)
     STAGE_TIMEOUT=$(( ${ROWS_DEADLINE:-320} + 60 )) stage python3 scripts/gpu_rows.py --out "$RESULTS/rows" --two-gpus \
@@ -93,7 +105,7 @@ case "${1:-}" in
           --out "$RESULTS/levers_${levers}_$tokens"
       done
     done ;;
-  *) echo "usage: $0 max_length|suite|fast|trainer_vs_bare|rows|levers" >&2; exit 2 ;;
+  *) echo "usage: $0 max_length|suite|fast|packing|trainer_vs_bare|rows|levers" >&2; exit 2 ;;
 esac
 # one archive of the results, for a runner that brings back only a few files (RESULTS_TAR=path.tgz)
 if [ -n "${RESULTS_TAR:-}" ]; then
