@@ -22,14 +22,15 @@ from bench_packing import top_cpu_ops  # noqa: E402
 from profile_step import kernel_breakdown  # noqa: E402
 
 
-def profile_trainer_steps(first: int, last: int) -> dict:
-    """Wraps the trainer's step so steps first..last run under the profiler; returns the report, filled at the end."""
+def profile_trainer_steps(first: int, last: int, out: str, command: list[str]):
+    """Wraps the trainer's step so steps first..last run under the profiler; the report goes to ``out`` after step last.
+    Returns a function that stops the profiler if the run ended inside the window (a live profiler crashes at exit)."""
     from torch.profiler import ProfilerActivity, profile
 
     from hfpatch.train import loop
 
-    report: dict = {}
     prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+    running = []
     step_seconds = []
     one_step = loop._Trainer.one_step
 
@@ -37,23 +38,29 @@ def profile_trainer_steps(first: int, last: int) -> dict:
         step = trainer.state.step + 1
         if step == first:
             prof.start()
+            running.append(True)
         record = one_step(trainer)  # ends with a device synchronize
         if first <= step <= last:
             step_seconds.append(record["step_time_s"])
         if step == last:
             prof.stop()
+            running.clear()
             steps = last - first + 1
             breakdown = kernel_breakdown(prof, top=30)
-            report.update({
-                "steps": steps, "wall_ms_per_step": 1000 * sum(step_seconds) / steps,
+            report = {
+                "card": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
+                "command": command, "steps": steps, "wall_ms_per_step": 1000 * sum(step_seconds) / steps,
                 "gpu_busy_ms_per_step": breakdown["gpu_busy_ms"] / steps,
                 "categories_ms_per_step": {k: v / steps for k, v in breakdown["categories_ms"].items()},
                 "top_kernels": breakdown["top_kernels"], "top_cpu_ops": top_cpu_ops(prof, steps),
-            })
+            }
+            with open(out, "w") as handle:
+                json.dump(report, handle, indent=2)
+            print(f"profile of steps {first}-{last} in {out}", flush=True)
         return record
 
     loop._Trainer.one_step = profiled_step
-    return report
+    return lambda: running and prof.stop()
 
 
 def main():
@@ -63,23 +70,28 @@ def main():
     parser.add_argument("--out", required=True)
     parser.add_argument("--profile-steps", type=int, nargs=2, default=(8, 9), metavar=("FIRST", "LAST"))
     args = parser.parse_args(argv[:split])
+    command = argv[split + 1:]
     first, last = args.profile_steps
     if not 1 <= first <= last:
         parser.error("--profile-steps wants 1 <= FIRST <= LAST")
+    if not command:
+        parser.error("give `hfpatch train`'s arguments after -- (e.g. -- llama2 --steps 9)")
+    import click
+
     from hfpatch.cli import main as hfpatch_main
 
-    report = profile_trainer_steps(first, last)
+    if os.path.exists(args.out):
+        os.remove(args.out)  # what is there after the run is this run's profile
+    stop_profiler = profile_trainer_steps(first, last, args.out, command)
     try:
-        hfpatch_main(["train", *argv[split + 1:]], standalone_mode=False)
+        hfpatch_main(["train", *command], standalone_mode=False)
+    except click.ClickException as exc:  # a bad `hfpatch train` argument: click's one line, as the CLI prints it
+        exc.show()
+        sys.exit(exc.exit_code)
     finally:
-        if report:
-            report = {"card": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                      "torch": torch.__version__, "command": argv[split + 1:], **report}
-            with open(args.out, "w") as handle:
-                json.dump(report, handle, indent=2)
-            print(f"profile of steps {first}-{last} in {args.out}")
-        else:
-            print(f"!! the run ended before step {last}: no profile", file=sys.stderr)
+        stop_profiler()
+    if not os.path.exists(args.out):
+        sys.exit(f"the run ended before step {last}: no profile (give it --steps {last} or more)")
 
 
 if __name__ == "__main__":
