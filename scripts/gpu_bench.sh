@@ -25,10 +25,19 @@ stage() { echo "== $(date +%T) $*"; timeout "${STAGE_TIMEOUT:-300}" "$@" || echo
 # the packing benchmark's model as `hfpatch train` settings
 ARCH=(--set model.hidden_size=2048 --set model.intermediate_size=5632 --set model.num_hidden_layers=16
       --set model.num_attention_heads=16 --set model.num_key_value_heads=16 --set model.vocab_size=32000)
-long_docs() {  # the embedded corpus repeated 12 times (many full 16K rows, long rows filled); a large file: outside $RESULTS
-  local docs; docs=$(mktemp -d)/long_docs.jsonl
-  python3 -c 'import json, sys, pydoc_data.topics as t; docs = list(t.topics.values()) * 12
-open(sys.argv[1], "w").writelines(json.dumps({"text": d}) + "\n" for d in docs)' "$docs"
+# the embedded corpus as a jsonl file outside $RESULTS (large): each topic whole, or cut into documents of N paragraphs;
+# REPEAT copies. Long: `corpus_docs 0 12` (many full 16K rows). Short: `corpus_docs 6 4` (median 308 tokens: packing's case)
+corpus_docs() {
+  local docs; docs=$(mktemp -d)/docs.jsonl
+  python3 -c 'import json, re, sys, pydoc_data.topics as t
+size, repeat = int(sys.argv[2]), int(sys.argv[3])
+def cut(text):
+    if not size:
+        return [text]
+    ps = [p for p in re.split(r"\n\s*\n", text) if p.strip()]
+    return ["\n\n".join(ps[i:i + size]) for i in range(0, len(ps), size)]
+docs = [doc for text in t.topics.values() for doc in cut(text)] * repeat
+open(sys.argv[1], "w").writelines(json.dumps({"text": d}) + "\n" for d in docs)' "$docs" "$1" "$2"
   echo "$docs"
 }
 
@@ -42,20 +51,11 @@ packing() {
   kill "$clocks"
 }
 
-short_docs() {  # the embedded corpus cut into documents of 6 paragraphs (median 308 tokens), 4 times: what packing is for
-  local docs; docs=$(mktemp -d)/short_docs.jsonl
-  python3 -c 'import json, re, sys, pydoc_data.topics as t
-paragraphs = [[p for p in re.split(r"\n\s*\n", text) if p.strip()] for text in t.topics.values()]
-docs = ["\n\n".join(ps[i:i + 6]) for ps in paragraphs for i in range(0, len(ps), 6)] * 4
-open(sys.argv[1], "w").writelines(json.dumps({"text": d}) + "\n" for d in docs)' "$docs"
-  echo "$docs"
-}
-
 # the trainer itself on the packing model and full 16K-token packs (no epoch-end remainder in the timed steps): as it
 # runs by default, and with FSDP2 keeping the gathered weights from forward to backward; a short profiled run;
 # then the bare fwd+bwd of the same documents. The first 5 steps (compile) untimed.
 trainer_vs_bare() {
-  local docs; docs=$(long_docs)
+  local docs; docs=$(corpus_docs 0 12)
   local train=(llama2 --data "$docs" --overflow split --seq-len 16384 --micro-num 1 --set log_every=1
                --set save_checkpoints=false "${ARCH[@]}")
   stage python3 -m hfpatch.cli train "${train[@]}" --steps 30 --out "$RESULTS/train_fast"
@@ -93,10 +93,10 @@ case "${1:-}" in
   trainer_vs_bare) trainer_vs_bare ;;
   rows)
     STAGE_TIMEOUT=$(( ${ROWS_DEADLINE:-320} + 60 )) stage python3 scripts/gpu_rows.py --out "$RESULTS/rows" --two-gpus \
-      --data "$(short_docs)" --deadline "${ROWS_DEADLINE:-320}" ${ROWS_ARGS:-}
+      --data "$(corpus_docs 6 4)" --deadline "${ROWS_DEADLINE:-320}" ${ROWS_ARGS:-}
     stage python3 scripts/gpu_rows_report.py "$RESULTS/rows" --out "$RESULTS/rows/gpu_rows.md" ;;
   levers)
-    DOCS=$(long_docs)
+    DOCS=$(corpus_docs 0 12)
     for tokens in ${LEVER_TOKENS:-65536 131072}; do
       for levers in plain long-context; do
         flags=(); [ "$levers" = long-context ] && flags=(--long-context)
