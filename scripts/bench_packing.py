@@ -243,16 +243,21 @@ def profile_steps(model, step, batches) -> dict:
     """Where the GPU time of ``batches`` (already warm) goes, per step: kernel categories and the busy share."""
     from torch.profiler import ProfilerActivity, profile
 
-    from profile_step import kernel_breakdown
-
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         seconds, _ = timed_steps(model, step, batches)
+    return step_profile(prof, len(batches), seconds)
+
+
+def step_profile(prof, steps: int, seconds: float) -> dict:
+    """Per step of a profile over ``steps`` steps that took ``seconds``: wall and GPU-busy time, kernel categories,
+    the top kernels and the host ops that spend most time themselves."""
+    from profile_step import kernel_breakdown
+
     breakdown = kernel_breakdown(prof, top=30)
-    per_step = lambda ms: ms / len(batches)  # noqa: E731
-    return {"steps": len(batches), "wall_ms_per_step": per_step(seconds * 1000),
-            "gpu_busy_ms_per_step": per_step(breakdown["gpu_busy_ms"]),
-            "categories_ms_per_step": {k: per_step(v) for k, v in breakdown["categories_ms"].items()},
-            "top_kernels": breakdown["top_kernels"], "top_cpu_ops": top_cpu_ops(prof, len(batches))}
+    return {"steps": steps, "wall_ms_per_step": seconds * 1000 / steps,
+            "gpu_busy_ms_per_step": breakdown["gpu_busy_ms"] / steps,
+            "categories_ms_per_step": {k: v / steps for k, v in breakdown["categories_ms"].items()},
+            "top_kernels": breakdown["top_kernels"], "top_cpu_ops": top_cpu_ops(prof, steps)}
 
 
 def top_cpu_ops(prof, steps: int, top: int = 20) -> list[dict]:
@@ -363,11 +368,10 @@ def main():
 
 
 def write_report(path: str, report: dict) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    partial = f"{path}.partial"
-    with open(partial, "w") as handle:
-        json.dump(report, handle, indent=2, default=str)
-    os.replace(partial, path)
+    from hfpatch.files import atomic_write
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(Path(path), json.dumps(report, indent=2, default=str).encode())
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ Everything after ``--`` is `hfpatch train`'s command line (a run dir with checkp
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -18,8 +17,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from bench_packing import top_cpu_ops  # noqa: E402
-from profile_step import kernel_breakdown  # noqa: E402
+from bench_packing import step_profile, write_report  # noqa: E402
 
 
 def profile_trainer_steps(first: int, last: int, out: str, command: list[str]):
@@ -45,17 +43,9 @@ def profile_trainer_steps(first: int, last: int, out: str, command: list[str]):
         if step == last:
             prof.stop()
             running.clear()
-            steps = last - first + 1
-            breakdown = kernel_breakdown(prof, top=30)
-            report = {
-                "card": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
-                "command": command, "steps": steps, "wall_ms_per_step": 1000 * sum(step_seconds) / steps,
-                "gpu_busy_ms_per_step": breakdown["gpu_busy_ms"] / steps,
-                "categories_ms_per_step": {k: v / steps for k, v in breakdown["categories_ms"].items()},
-                "top_kernels": breakdown["top_kernels"], "top_cpu_ops": top_cpu_ops(prof, steps),
-            }
-            with open(out, "w") as handle:
-                json.dump(report, handle, indent=2)
+            card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+            write_report(out, {"card": card, "torch": torch.__version__, "command": command,
+                               **step_profile(prof, last - first + 1, sum(step_seconds))})
             print(f"profile of steps {first}-{last} in {out}", flush=True)
         return record
 
