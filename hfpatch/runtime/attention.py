@@ -44,27 +44,31 @@ class AttentionBackendError(RuntimeError):
 
 # -- input validation ------------------------------------------------------------------
 
-# cu_seqlens is the same tensor for every layer of a step: check it (a device sync)
-# once. A weakref, not id(), so a new tensor at a reused address is checked again.
-_validated: deque = deque(maxlen=16)
-# Device copies whose values the host already has (set_packed_batch moved them there): checking them reads
-# nothing back, so the first attention call of a step does not wait for the GPU to drain.
-_host_values: deque = deque(maxlen=16)
+# The host's copy of a cu_seqlens tensor as it is now (its version): the same tensor serves every layer of a step and
+# reading it back from a GPU is a sync, so it is read once, or never when set_packed_batch moved it from the host.
+# A weakref, not id(), so a new tensor at a reused address is read again.
+_host_copies: deque = deque(maxlen=16)
 
 
 def remember_host_values(cu_seqlens: torch.Tensor, values: list[int]) -> None:
     """Record that ``cu_seqlens`` (as it is now) holds ``values``; :func:`validate_cu_seqlens` uses them."""
     try:
-        _host_values.append((weakref.ref(cu_seqlens), cu_seqlens._version, values))
+        _host_copies.append((weakref.ref(cu_seqlens), cu_seqlens._version, values))
     except RuntimeError:  # inference tensors have no version counter
         pass
 
 
-def _values(cu_seqlens: torch.Tensor) -> list[int]:
-    for ref, version, values in _host_values:
-        if ref() is cu_seqlens and cu_seqlens._version == version:
+def _host_values(cu_seqlens: torch.Tensor) -> list[int]:
+    try:
+        version = cu_seqlens._version
+    except RuntimeError:  # inference tensors have no version counter: no caching
+        return cu_seqlens.tolist()
+    for ref, seen, values in _host_copies:
+        if ref() is cu_seqlens and seen == version:
             return values
-    return cu_seqlens.tolist()
+    values = cu_seqlens.tolist()
+    _host_copies.append((weakref.ref(cu_seqlens), version, values))
+    return values
 
 
 def validate_cu_seqlens(
@@ -79,14 +83,7 @@ def validate_cu_seqlens(
         raise TypeError(f"{name} must have dtype torch.int32, got {cu_seqlens.dtype}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError(f"{name} must be 1-D with at least 2 entries, got shape {tuple(cu_seqlens.shape)}")
-    try:
-        key = (cu_seqlens._version, total, max_seqlen)
-    except RuntimeError:  # inference tensors have no version counter: no caching
-        key = None
-    for ref, checked, values in _validated:
-        if key is not None and ref() is cu_seqlens and checked == key:
-            return values
-    values = _values(cu_seqlens) if key is not None else cu_seqlens.tolist()
+    values = _host_values(cu_seqlens)
     if values[0] != 0:
         raise ValueError(f"{name} must start at 0, got {values[0]}")
     lengths = [b - a for a, b in zip(values, values[1:])]
@@ -105,8 +102,6 @@ def validate_cu_seqlens(
         raise ValueError(
             f"max_seqlen={max_seqlen} for {name} is smaller than its longest segment ({max(lengths)})"
         )
-    if key is not None:
-        _validated.append((weakref.ref(cu_seqlens), key, values))
     return values
 
 
