@@ -306,6 +306,9 @@ def main():
     unknown = sorted(set(names) - set(CONTENDERS))
     if unknown:
         parser.error(f"unknown contenders {unknown}; choose from {', '.join(CONTENDERS)}")
+    missing = [run for run in args.trainer_run if not (Path(run) / "metrics.jsonl").is_file()]
+    if missing:  # checked before the minutes of measuring, not after
+        parser.error(f"--trainer-run {missing[0]} has no metrics.jsonl (give the --out dir of an `hfpatch train` run)")
 
     import transformers
 

@@ -66,3 +66,13 @@ def _state(config):
     from hfpatch import modeling, zoo
 
     return modeling.model_class(zoo.resolve("llama2"))(config).state_dict()
+
+
+def test_a_trainer_run_without_metrics_is_refused_before_measuring(bench, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["bench_packing.py", "--out", str(tmp_path / "out.json"),
+                                      "--trainer-run", str(tmp_path / "no_run")])
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main()
+    assert exit_info.value.code == 2 and not (tmp_path / "out.json").exists()
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        f"--trainer-run {tmp_path / 'no_run'} has no metrics.jsonl (give the --out dir of an `hfpatch train` run)")
