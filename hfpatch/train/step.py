@@ -54,12 +54,15 @@ def _router_aux_coef(model: torch.nn.Module) -> float:
     return float(getattr(config, "router_aux_loss_coef", 0.0))
 
 
-def _grad_norm(model: torch.nn.Module, max_norm: float) -> float:
-    params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
-    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
-        norm = norm.full_tensor()
-    return float(norm)
+def _clip_grad_norm(optimizer: torch.optim.Optimizer, max_norm: float) -> float:
+    """The norm of the gradients the optimizer steps with; they are scaled to ``max_norm`` only when above it
+    (a step under the limit skips a pass over them)."""
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    value = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP2
+    if 0 < max_norm < value:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return value
 
 
 def _micro_batch_loss(model, batch, *, num_targets, packed, device, loss_fn, extra_inputs, input_dtype, loss_chunk,
@@ -129,7 +132,7 @@ def train_step(
         loss_sum += loss.detach().float()
     clear_packed_batch()
     loss_value = global_loss(loss_sum)
-    grad_norm = _grad_norm(model, clip_grad_norm)
+    grad_norm = _clip_grad_norm(optimizer, clip_grad_norm)
     if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
         optimizer.zero_grad(set_to_none=True)
         what = "loss" if not math.isfinite(loss_value) else "gradient norm"
