@@ -75,5 +75,5 @@ def test_parallelize_hands_the_reshard_setting_to_fsdp2(monkeypatch, reshard):
     monkeypatch.setattr(parallelize_module, "apply_weight_parallel", lambda model, **kwargs: seen.update(kwargs))
     monkeypatch.setattr(parallelize_module.dist, "get_backend", lambda: "nccl")
     parallelize_module.parallelize(torch.nn.Linear(2, 2), world=1, activation_checkpointing=False,
-                                   compute_dtype=torch.bfloat16, reshard_after_forward=reshard)
+                                   compute_dtype=torch.bfloat16, reshard_after_forward=reshard, weight_copy=False)
     assert seen["reshard_after_forward"] is reshard

@@ -159,6 +159,10 @@ SETTINGS: tuple[Setting, ...] = (
             "forward and gathers them again in backward; off keeps them (+2 bytes a parameter, one cast pass a step "
             "less)", flag="--reshard-after-forward/--no-reshard-after-forward",
             default_help="on"),
+    Setting("weight_copy", True, (bool,), "one rank computing in bf16 (auto dtype on a GPU): the model keeps "
+            "bfloat16 copies of its weights and the optimizer updates the float32 masters, instead of FSDP2 casting "
+            "and copying every weight each step (faster; +2 bytes a parameter)", flag="--weight-copy/--no-weight-copy",
+            default_help="on"),
     Setting("isp_overlap", 0, (int,), "ISP: exchange the heads in N groups so each group's all-to-alls overlap "
             "another group's attention; 0 = one exchange", flag="--isp-overlap", metavar="N", minimum=0),
     Setting("loss_chunk", 0, (int,), "compute the LM loss this many tokens at a time, so the logits of a long sequence "

@@ -168,18 +168,27 @@ class _Trainer:
         if self.levers.tile_mlp:
             tile_mlps(model, self.levers.tile_mlp)
         self.params, self.matmul_params = count_parameters(model)
-        self.model = parallelize(
+        self.weight_copy = parallelize(
             model, world=self.world, activation_checkpointing=self.levers.checkpointing,
             compute_dtype=compute_dtype(cfg.dtype, self.device), compile_layers=self.compile,
-            cpu_offload=self.levers.cpu_offload, reshard_after_forward=self.cfg.reshard_after_forward,
+            cpu_offload=self.levers.cpu_offload, reshard_after_forward=cfg.reshard_after_forward,
+            weight_copy=cfg.weight_copy,
         )
+        self.model = model
         self.activation_offload = ActivationOffload() if self.levers.offload_activations else None
-        self.optimizer = build_optimizer(self.model, cfg)
+        with self.master_weights():
+            self.optimizer = build_optimizer(self.model, cfg)
+        if self.weight_copy:
+            self.weight_copy.attach(self.optimizer)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.stream = RowStream(len(self.dataset.rows), cfg.seed)
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.keep_checkpoints, self.rank)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", self.is_main)
         self.peak = peak_flops(self.device)
+
+    def master_weights(self) -> contextlib.AbstractContextManager:
+        """Within it the model holds the float32 weights the optimizer updates (checkpoints, export)."""
+        return self.weight_copy.masters_in_model() if self.weight_copy else contextlib.nullcontext()
 
     @property
     def compile(self) -> bool:
@@ -202,6 +211,7 @@ class _Trainer:
             f"({self.family.describe_config(self.config)}), "
             f"world {self.world} = dp {self.dp} x sp {self.sp}, wp {cfg.wp}, device {self.device.type}, "
             f"attention {self.attention}{', decoder layers compiled' if self.compile else ''}"
+            f"{', bfloat16 weight copy' if self.weight_copy else ''}"
             f"{f', fused linear loss ({fused_loss_kernel(self.device)})' if self.fused_loss else ''}"
             f"{f', loss in {cfg.loss_chunk}-token chunks' if cfg.loss_chunk and not self.fused_loss else ''}"
             f"{''.join(', ' + lever for lever in self.levers.describe())}\n"
@@ -242,7 +252,8 @@ class _Trainer:
             try:
                 saved = read_state(path)
                 self.check_resumable(path, saved)
-                CheckpointManager.load(path, saved, self.model, self.optimizer, rank=self.rank, world=self.world)
+                with self.master_weights():
+                    CheckpointManager.load(path, saved, self.model, self.optimizer, rank=self.rank, world=self.world)
             except UnreadableCheckpointError as exc:
                 if i + 1 == len(candidates):
                     raise UnreadableCheckpointError(
@@ -271,7 +282,8 @@ class _Trainer:
         }
 
     def save(self) -> Path:
-        return self.checkpoints.save(self.state.step, self.model, self.optimizer, self.trainer_state())
+        with self.master_weights():
+            return self.checkpoints.save(self.state.step, self.model, self.optimizer, self.trainer_state())
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -381,8 +393,11 @@ class _Trainer:
     def finish(self, records: list[dict[str, Any]], resumed_from: str | None, wall_s: float) -> RunSummary:
         """Export, plot, and the summary."""
         cfg = self.cfg
-        exported = str(export_hf(self.model, self.tokenizer, cfg.export, rank=self.rank,
-                                      stock_model=self.family.stock_model)) if cfg.export else None
+        exported = None
+        if cfg.export:
+            with self.master_weights():
+                exported = str(export_hf(self.model, self.tokenizer, cfg.export, rank=self.rank,
+                                         stock_model=self.family.stock_model))
         paths = {"metrics": str(self.metrics.path)}
         if self.is_main:
             plot = plot_loss(read_metrics(self.metrics.path), self.run_dir / "loss.png", f"{self.entry.name}: training loss")

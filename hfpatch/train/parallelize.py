@@ -1,4 +1,5 @@
-"""Wrap the model for the run: torch.compile, activation checkpointing and FSDP2 weight sharding."""
+"""Wrap the model for the run: torch.compile, activation checkpointing, and FSDP2 weight sharding or (one rank)
+a bfloat16 weight copy."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import torch.utils.checkpoint
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy
 
 from hfpatch.runtime import apply_weight_parallel, find_decoder_layers
+
+from .weight_copy import WeightCopy
 
 COMPILED_PARTS = ("mlp", "norm")  # children compiled in a layer that is not compiled whole
 
@@ -70,8 +73,10 @@ def _recompute_in_backward(layer: torch.nn.Module) -> None:
 def parallelize(
     model: torch.nn.Module, *, world: int, activation_checkpointing: bool | float, compute_dtype: torch.dtype | None = None,
     compile_layers: bool = False, cpu_offload: bool = False, reshard_after_forward: bool = True,
-) -> torch.nn.Module:
-    """FSDP2 whenever there is more than one rank, mixed precision or host offload is wanted (one GPU too).
+    weight_copy: bool = True,
+) -> WeightCopy | None:
+    """In place. FSDP2 whenever there is more than one rank, host offload is wanted, or mixed precision on one
+    rank without ``weight_copy``; mixed precision on one rank with it: a :class:`WeightCopy`, returned.
 
     ``activation_checkpointing``: True / False, or the fraction of decoder layers that recompute.
     ``cpu_offload``: FSDP2 keeps the sharded parameters, their gradients (and so the optimizer) on the host.
@@ -81,6 +86,8 @@ def parallelize(
         compile_decoder_layers(model)
     if activation_checkpointing:
         checkpoint_layers(model, float(activation_checkpointing))
+    if world == 1 and compute_dtype is not None and weight_copy and not cpu_offload:
+        return WeightCopy(model, compute_dtype)
     if world > 1 or compute_dtype is not None or cpu_offload:
         # Every rank (ISP and data parallel alike) holds part of the gradient, and
         # the loss is already normalised by the global token count: FSDP2 sums.
@@ -89,7 +96,7 @@ def parallelize(
                               reshard_after_forward=reshard_after_forward)
         if dist.get_backend() == "gloo":
             _force_sum_reductions(model)
-    return model
+    return None
 
 
 def _force_sum_reductions(model: torch.nn.Module) -> None:
