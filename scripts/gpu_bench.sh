@@ -10,6 +10,7 @@
 #   bash scripts/gpu_bench.sh fast         # one GPU: env, checks, attention, packing vs the liger peer, trainer vs bare
 #   bash scripts/gpu_bench.sh packing      # one GPU: the packing contenders, profiled, GPU clocks logged
 #   bash scripts/gpu_bench.sh trainer_vs_bare  # one GPU: `hfpatch train` against the bare fwd+bwd, same model and packs
+#   bash scripts/gpu_bench.sh padded_pair  # one GPU: padded llama2 vs internlm1 training steps, profiled
 # Each stage has its own timeout ($STAGE_TIMEOUT s); a failed stage is reported and the next one runs.
 # RESULTS_TAR=FILE.tgz: everything under $RESULTS (checkpoints excluded) also as one archive at the end.
 set -uo pipefail
@@ -52,19 +53,34 @@ packing() {
 }
 
 # the trainer itself on the packing model and full 16K-token packs (no epoch-end remainder in the timed steps): as it
-# runs by default, and with FSDP2 keeping the gathered weights from forward to backward; a short profiled run;
+# runs by default (one GPU: a bf16 weight copy), and with FSDP2 instead (--no-weight-copy); a short profiled run;
 # then the bare fwd+bwd of the same documents. The first 5 steps (compile) untimed.
 trainer_vs_bare() {
   local docs; docs=$(corpus_docs 0 12)
   local train=(llama2 --data "$docs" --overflow split --seq-len 16384 --micro-num 1 --set log_every=1
                --set save_checkpoints=false "${ARCH[@]}")
-  stage python3 -m hfpatch.cli train "${train[@]}" --steps 30 --out "$RESULTS/train_fast"
-  stage python3 -m hfpatch.cli train "${train[@]}" --steps 30 --no-reshard-after-forward --out "$RESULTS/train_kept"
+  stage python3 -m hfpatch.cli train "${train[@]}" --steps 30 --out "$RESULTS/train_copy"
+  stage python3 -m hfpatch.cli train "${train[@]}" --steps 30 --no-weight-copy --out "$RESULTS/train_fsdp2"
   stage python3 scripts/profile_trainer.py --out "$RESULTS/trainer_profile.json" --profile-steps 8 9 -- \
     "${train[@]}" --steps 9 --out "$RESULTS/train_profiled"
   stage python3 scripts/bench_packing.py --source trainer --data "$docs" --tokens-per-step 16384 --steps 25 --warmup 5 \
-    --contenders hfpatch --profile 2 --trainer-run "$RESULTS/train_fast" "$RESULTS/train_kept" \
+    --contenders hfpatch --profile 2 --trainer-run "$RESULTS/train_copy" "$RESULTS/train_fsdp2" \
     --out "$RESULTS/trainer_vs_bare.json"
+}
+
+# the padded training steps of llama2 and internlm1 (same class and sizes as in `rows`, differing only in q/k/v
+# biases; the padded InternLM1 ran 3x faster there), profiled, on the same short documents, in alternating order
+padded_pair() {
+  local docs; docs=$(corpus_docs 6 4)
+  local size=(--set model.hidden_size=512 --set model.num_attention_heads=4 --set model.num_key_value_heads=4
+              --set model.intermediate_size=1376 --set model.num_hidden_layers=4)
+  local i=0 row
+  for row in llama2 internlm1 llama2 internlm1; do
+    i=$((i + 1))
+    stage python3 scripts/profile_trainer.py --out "$RESULTS/padded_${i}_$row.json" --profile-steps 10 11 -- \
+      "$row" --padded --no-compile --data "$docs" --overflow split --seq-len 2048 --micro-num 4 --steps 14 --seed 0 \
+      --set log_every=1 --set save_checkpoints=false "${size[@]}" --out "$RESULTS/padded_${i}_$row"
+  done
 }
 
 case "${1:-}" in
@@ -91,6 +107,7 @@ case "${1:-}" in
     trainer_vs_bare ;;
   packing) packing ;;
   trainer_vs_bare) trainer_vs_bare ;;
+  padded_pair) padded_pair ;;
   rows)
     STAGE_TIMEOUT=$(( ${ROWS_DEADLINE:-320} + 60 )) stage python3 scripts/gpu_rows.py --out "$RESULTS/rows" --two-gpus \
       --data "$(corpus_docs 6 4)" --deadline "${ROWS_DEADLINE:-320}" ${ROWS_ARGS:-}
@@ -105,7 +122,7 @@ case "${1:-}" in
           --out "$RESULTS/levers_${levers}_$tokens"
       done
     done ;;
-  *) echo "usage: $0 max_length|suite|fast|packing|trainer_vs_bare|rows|levers" >&2; exit 2 ;;
+  *) echo "usage: $0 max_length|suite|fast|packing|trainer_vs_bare|padded_pair|rows|levers" >&2; exit 2 ;;
 esac
 # one archive of the results, for a runner that brings back only a few files (RESULTS_TAR=path.tgz)
 if [ -n "${RESULTS_TAR:-}" ]; then
