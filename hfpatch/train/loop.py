@@ -152,6 +152,11 @@ class _Trainer:
 
     def setup(self) -> None:
         cfg = self.cfg
+        if self.device.type == "cuda":
+            # Unpatched attention (padded batches, vision towers) goes through torch SDPA, which on Hopper takes
+            # cuDNN's kernel for a masked call: it builds a plan for every new shape, ~15 ms of host time a call on
+            # an H200 (padded steps ran 60x their GPU time), and its gradients were NaN for Flux samples in bf16.
+            torch.backends.cuda.enable_cudnn_sdp(False)
         self.workload = load_workload(self.entry, cfg, self.rank, param_dtype(cfg.dtype, self.device))
         self.tokenizer, self.dataset, self.source = self.workload.tokenizer, self.workload.dataset, self.workload.source
         self.config = self.workload.config
