@@ -5,7 +5,7 @@
 each owns its model config, data, micro-batches, loss and FLOPs) for its workload and wires
 together data (``sources``, ``corpus``, ``tokenizer``, ``dataset``, ``batches``, with
 ``multimodal`` / ``llava_data`` for LLaVA and ``diffusion`` / ``flux_data`` for Flux), the
-model (``build``, ``parallelize``, ``output_head`` for the chunked and fused losses), the
+model (``build``, ``parallelize`` with ``weight_copy``, ``output_head`` for the chunked and fused losses), the
 memory levers (``levers``, ``offload``, ``tiling``), the update (``optim``, ``step``) and the
 run's outputs (``checkpoint``, ``export``, ``metrics``, ``progress``).
 """
