@@ -316,6 +316,9 @@ def main():
     from hfpatch.train.build import count_parameters
 
     cfg = config(args)
+    # as `hfpatch train` does: the padded contender's masked SDPA would otherwise take cuDNN's kernel, which builds a
+    # plan for every new padded shape (~15 ms of host time a call on the H200); no other contender calls SDPA
+    torch.backends.cuda.enable_cudnn_sdp(False)
     if args.source == "trainer":
         step_docs = trainer_documents(args.tokens_per_step, args.steps + args.warmup, args.data)
     else:
