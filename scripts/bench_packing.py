@@ -32,6 +32,7 @@ import math
 import os
 import sys
 import time
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
@@ -257,7 +258,29 @@ def step_profile(prof, steps: int, seconds: float) -> dict:
     return {"steps": steps, "wall_ms_per_step": seconds * 1000 / steps,
             "gpu_busy_ms_per_step": breakdown["gpu_busy_ms"] / steps,
             "categories_ms_per_step": {k: v / steps for k, v in breakdown["categories_ms"].items()},
-            "top_kernels": breakdown["top_kernels"], "top_cpu_ops": top_cpu_ops(prof, steps)}
+            "top_kernels": breakdown["top_kernels"], "top_cpu_ops": top_cpu_ops(prof, steps),
+            "host_syncs": host_syncs(prof, steps)}
+
+
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+
+
+def host_syncs(prof, steps: int, calls=SYNC_CALLS) -> list[dict]:
+    """Where the host waited for the GPU, per step: each wait's enclosing ops, innermost first (``aten::item <
+    LigerFusedLinearCrossEntropyFunction``). After a wait the GPU idles until the host has queued work again."""
+    count, waited = Counter(), defaultdict(float)
+    for event in prof.events():
+        if event.name not in calls:
+            continue
+        chain, parent = [], event.cpu_parent
+        while parent is not None and len(chain) < 4:
+            chain.append(parent.name)
+            parent = parent.cpu_parent
+        site = " < ".join([event.name, *chain])
+        count[site] += 1
+        waited[site] += event.cpu_time_total / 1000
+    return [{"site": site, "calls_per_step": n / steps, "wait_ms_per_step": waited[site] / steps}
+            for site, n in count.most_common()]
 
 
 def top_cpu_ops(prof, steps: int, top: int = 20) -> list[dict]:

@@ -76,3 +76,18 @@ def test_a_trainer_run_without_metrics_is_refused_before_measuring(bench, tmp_pa
     assert exit_info.value.code == 2 and not (tmp_path / "out.json").exists()
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
         f"--trainer-run {tmp_path / 'no_run'} has no metrics.jsonl (give the --out dir of an `hfpatch train` run)")
+
+
+def test_host_syncs_name_the_ops_each_wait_happened_in(bench):
+    """On the CPU there is no CUDA wait to find: an op stands in for one, inside two named ranges."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    x = torch.ones(4)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(2):  # two steps
+            with record_function("outer"), record_function("inner"):
+                torch.neg(x)
+            torch.neg(x)
+    sites = {s["site"]: s["calls_per_step"] for s in bench.host_syncs(prof, steps=2, calls=("aten::neg",))}
+    assert sites == {"aten::neg < inner < outer": 1.0, "aten::neg": 1.0}
