@@ -94,3 +94,12 @@ def test_weight_copy_trains_resumes_and_exports_as_fsdp2(bf16_compute, tmp_path)
     assert [r["loss"] for r in metrics(tmp_path / "resumed")] == [got[-1]["loss"]]
     for name, tensor in exported.items():
         torch.testing.assert_close(_weights(tmp_path / "resumed")[name], tensor, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("model", ["mixtral", "llava", "flux", "mamba"])  # MoE aux loss, frozen tower, float inputs, scan
+def test_weight_copy_trains_every_family_as_fsdp2(bf16_compute, tmp_path, model):
+    short = [*TINY, "--steps", "2", "--seed", "7", "--set", "save_checkpoints=false"]
+    cli_ok(model, *short, "--no-weight-copy", "--out", tmp_path / "fsdp2")
+    assert "bfloat16 weight copy" in cli_ok(model, *short, "--out", tmp_path / "copy").output
+    want, got = metrics(tmp_path / "fsdp2"), metrics(tmp_path / "copy")
+    assert [(r["loss"], r["grad_norm"]) for r in got] == [(r["loss"], r["grad_norm"]) for r in want]
