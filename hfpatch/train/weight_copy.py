@@ -1,13 +1,13 @@
 """One rank, bfloat16 compute over float32 weights without FSDP2: a bfloat16 copy of the weights runs the model.
 
-FSDP2 over a single rank still casts every float32 weight and copies it through its all-gather
-buffers in forward (and again in backward), and copies every gradient back: on an H200 the 0.95B
-model's trainer ran at 0.896 of its bare forward/backward with it, 0.956 with this. Here the model's parameters are bfloat16 copies kept between
-steps, and the optimizer updates the float32 masters: as soon as backward has accumulated a
-copy's gradient it is added to its master's float32 gradient and freed (micro-batches accumulate
-in float32, as under FSDP2's float32 reduce), and each optimizer step ends by copying the masters
-into the model. Checkpoints and exports see the masters under the model's own parameter names
-(``masters_in_model``). The cost: the copies stay, 2 bytes a parameter that FSDP2 frees per layer.
+FSDP2 over a single rank still casts every float32 weight and copies it through its all-gather buffers in
+forward (and again in backward), and copies every gradient back: on an H200 the 0.95B model's trainer ran at
+0.896 of its bare forward/backward with it, 0.956 with this. Here the model's parameters are bfloat16 copies
+kept between steps, and the optimizer updates the float32 masters: as soon as backward has accumulated a
+copy's gradient it is added to its master's float32 gradient and freed (micro-batches accumulate in float32,
+as under FSDP2's float32 reduce), and each optimizer step ends by copying the masters into the model.
+Checkpoints and exports see the masters under the model's own parameter names (``masters_in_model``). The
+cost: the copies stay, 2 bytes a parameter that FSDP2 frees per layer.
 """
 
 from __future__ import annotations
