@@ -266,8 +266,9 @@ SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchr
 
 
 def host_syncs(prof, steps: int, calls=SYNC_CALLS) -> list[dict]:
-    """Where the host waited for the GPU, per step: each wait's enclosing ops, innermost first (``aten::item <
-    LigerFusedLinearCrossEntropyFunction``). After a wait the GPU idles until the host has queued work again."""
+    """Where the host waited for the GPU, per step: each wait and up to 4 enclosing ops, innermost first
+    (``cudaStreamSynchronize < aten::_local_scalar_dense < aten::item < ...``). After a wait the GPU idles until the
+    host has queued work again."""
     count, waited = Counter(), defaultdict(float)
     for event in prof.events():
         if event.name not in calls:

@@ -69,7 +69,8 @@ trainer_vs_bare() {
 }
 
 # the padded training steps of llama2 and internlm1 (same class and sizes as in `rows`, differing only in q/k/v
-# biases; the padded InternLM1 ran 3x faster there), profiled, on the same short documents, in alternating order
+# biases), profiled, on the same short documents, in alternating order (it found cuDNN SDPA building a plan per
+# padded shape, now turned off)
 padded_pair() {
   local docs; docs=$(corpus_docs 6 4)
   local size=(--set model.hidden_size=512 --set model.num_attention_heads=4 --set model.num_key_value_heads=4
