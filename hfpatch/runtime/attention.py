@@ -67,7 +67,7 @@ def _host_values(cu_seqlens: torch.Tensor) -> list[int]:
         if ref() is cu_seqlens and seen == version:
             return values
     values = cu_seqlens.tolist()
-    _host_copies.append((weakref.ref(cu_seqlens), version, values))
+    remember_host_values(cu_seqlens, values)
     return values
 
 
