@@ -27,7 +27,7 @@ from .context import (
     packed_batch,
     set_packed_batch,
 )
-from .distributed import current_device, destroy, initialize, parallel_context
+from .distributed import current_device, destroy, initialize, parallel_context, to_device
 from .init import normal_, scaled_init_method_normal
 from .isp import all_to_all, isp_flash_attn_func, isp_flash_attn_varlen_func
 from .loss import (
@@ -93,6 +93,7 @@ __all__ = [
     "scaled_init_method_normal",
     "set_packed_batch",
     "shard_for_sequence_parallel",
+    "to_device",
     "validate_cu_seqlens",
     "varlen_attention",
     "weight_parallel_mesh",

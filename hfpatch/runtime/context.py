@@ -198,12 +198,13 @@ def set_packed_batch(cu_seqlens, max_seqlen: int | None = None, *, device=None) 
     import torch
 
     from .attention import remember_host_values
+    from .distributed import to_device
 
     if not torch.is_tensor(cu_seqlens):
         cu_seqlens = torch.tensor(list(cu_seqlens), dtype=torch.int32)
     host_values = cu_seqlens.tolist() if cu_seqlens.device.type == "cpu" else None
     if device is not None:
-        cu_seqlens = cu_seqlens.to(device)
+        cu_seqlens = to_device(cu_seqlens, device)
         if host_values is not None and cu_seqlens.device.type != "cpu":
             remember_host_values(cu_seqlens, host_values)
     if max_seqlen is None:

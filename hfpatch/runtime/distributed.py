@@ -178,3 +178,13 @@ def current_device() -> torch.device:
     if dist.is_initialized() and "nccl" in str(dist.get_backend()):
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def to_device(tensor: torch.Tensor, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``tensor.to(device, dtype)``; a host tensor goes to a GPU from pinned memory, without waiting: a copy from
+    pageable memory makes the host wait until every queued kernel has run (a cudaStreamSynchronize), and the GPU
+    then idles while the host queues the next ones."""
+    device = torch.device(device)
+    if tensor.device.type == "cpu" and device.type == "cuda":
+        tensor = tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device, dtype=dtype)

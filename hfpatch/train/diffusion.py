@@ -16,6 +16,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from hfpatch.runtime.distributed import to_device
 from hfpatch.runtime.latent_packing import flow_matching_loss, forward_packed, image_ids, noised_sample, pack_samples, shard_pack
 
 from .batches import BatchStats
@@ -119,7 +120,7 @@ def move_inputs(batch: Mapping[str, Any], device: torch.device, dtype: torch.dty
         if not torch.is_tensor(value):
             return value
         cast = value.is_floating_point() and key not in ("img_ids", "txt_ids")
-        return value.to(device, dtype=dtype) if cast else value.to(device)
+        return to_device(value, device, dtype if cast else None)
 
     return {key: move(key, value) for key, value in batch.items()}
 

@@ -16,7 +16,7 @@ import torch
 
 from hfpatch.runtime import (
     ParallelMode, causal_lm_loss, chunked_causal_lm_loss, clear_packed_batch, fused_linear_causal_lm_loss, global_loss,
-    gpc, set_packed_batch,
+    gpc, set_packed_batch, to_device,
 )
 
 from . import faults
@@ -34,15 +34,16 @@ class StepResult:
 
 def _forward_inputs(batch: dict[str, Any], device: torch.device, router_aux: bool, dtype: torch.dtype | None,
                     extra_inputs: Sequence[str]) -> dict[str, Any]:
-    inputs: dict[str, Any] = {k: batch[k].to(device) for k in ("input_ids", "position_ids", "attention_mask") if k in batch}
+    inputs: dict[str, Any] = {k: to_device(batch[k], device) for k in ("input_ids", "position_ids", "attention_mask")
+                              if k in batch}
     for key in extra_inputs:
         if batch.get(key) is not None:
-            inputs[key] = batch[key].to(device, dtype=dtype)
+            inputs[key] = to_device(batch[key], device, dtype)
     inputs["use_cache"] = False  # training: a KV cache would only copy every layer's keys and values
     if router_aux:
         inputs["output_router_logits"] = True
         if "token_mask" in batch:  # packed: the router statistics skip the pack's padding
-            inputs["attention_mask"] = batch["token_mask"].to(device)
+            inputs["attention_mask"] = to_device(batch["token_mask"], device)
     return inputs
 
 
@@ -73,8 +74,8 @@ def _micro_batch_loss(model, batch, *, num_targets, packed, device, loss_fn, ext
         set_packed_batch(batch["cu_seqlens"], batch["max_seqlen"], device=device)
     else:
         clear_packed_batch()
+    labels = to_device(batch["labels"], device)  # queued before the forward: no copy waits on it
     output = model(**_forward_inputs(batch, device, aux_coef > 0, input_dtype, extra_inputs))
-    labels = batch["labels"].to(device)
     if fused_loss:
         loss = fused_linear_causal_lm_loss(output.logits, output_weight(model), labels,
                                            num_valid_tokens=num_targets, chunk_tokens=loss_chunk or 4096)
