@@ -90,10 +90,18 @@ def token_losses(logits, labels):
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
 
 
+def to_gpu(tensor: torch.Tensor) -> torch.Tensor:
+    """From pinned memory without a wait, as `hfpatch train` copies its batches: a pageable copy would drain the GPU's
+    queue before every step of every contender."""
+    from hfpatch.runtime import to_device
+
+    return to_device(tensor, "cuda")
+
+
 def packed_inputs(docs):
-    ids = torch.cat(docs)[None].cuda()
-    positions = torch.cat([torch.arange(len(d)) for d in docs])[None].cuda()
-    labels = torch.cat([shifted(d) for d in docs])[None].cuda()
+    ids = to_gpu(torch.cat(docs)[None])
+    positions = to_gpu(torch.cat([torch.arange(len(d)) for d in docs])[None])
+    labels = to_gpu(torch.cat([shifted(d) for d in docs])[None])
     return ids, positions, labels
 
 
@@ -109,8 +117,8 @@ def step_padded(model, docs, n_targets, micro=8):
             ids[row, :len(doc)] = doc
             labels[row, :len(doc)] = shifted(doc)
             mask[row, :len(doc)] = 1
-        logits = model(input_ids=ids.cuda(), attention_mask=mask.cuda(), use_cache=False).logits
-        loss = token_losses(logits, labels.cuda()) / n_targets
+        logits = model(input_ids=to_gpu(ids), attention_mask=to_gpu(mask), use_cache=False).logits
+        loss = token_losses(logits, to_gpu(labels)) / n_targets
         loss.backward()
         loss_total += loss.item()
     return loss_total
@@ -127,7 +135,7 @@ def step_hf_padfree_liger(model, docs, n_targets):
     # transformers' labels convention (it shifts them): -100 at each document's first token, as
     # DataCollatorWithFlattening writes them, so no target crosses a document boundary
     ids, positions, _ = packed_inputs(docs)
-    labels = torch.cat([torch.cat([torch.tensor([-100]), d[1:]]) for d in docs])[None].cuda()
+    labels = to_gpu(torch.cat([torch.cat([torch.tensor([-100]), d[1:]]) for d in docs])[None])
     loss = model(input_ids=ids, position_ids=positions, labels=labels, use_cache=False).loss
     loss.backward()
     return loss.item()
@@ -259,7 +267,7 @@ def step_profile(prof, steps: int, seconds: float) -> dict:
             "gpu_busy_ms_per_step": breakdown["gpu_busy_ms"] / steps,
             "categories_ms_per_step": {k: v / steps for k, v in breakdown["categories_ms"].items()},
             "top_kernels": breakdown["top_kernels"], "top_cpu_ops": top_cpu_ops(prof, steps),
-            "host_syncs": host_syncs(prof, steps)}
+            "host_syncs": host_syncs(prof, steps), "gpu_idle": gpu_idle(prof, steps)}
 
 
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
@@ -284,11 +292,96 @@ def host_syncs(prof, steps: int, calls=SYNC_CALLS) -> list[dict]:
             for site, n in count.most_common()]
 
 
+def gpu_idle(prof, steps: int) -> dict:
+    """:func:`idle_gaps` of the profile's GPU timeline (kernels, copies, memsets)."""
+    from profile_step import is_annotation
+
+    spans = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+             if e.device_type == torch.autograd.DeviceType.CUDA and not is_annotation(e)]
+    return idle_gaps(spans, steps)
+
+
+def idle_gaps(spans, steps: int, min_us: float = 20.0, top: int = 12) -> dict:
+    """When the GPU sat idle, per step, from its busy ``spans`` (name, start us, end us): all idle time, the idle
+    time in gaps shorter than ``min_us`` (back-to-back launches), and the longer gaps grouped by the work on either
+    side of them, largest first (``"kernel before -> kernel after"``)."""
+    short, long_gaps = 0.0, defaultdict(lambda: [0, 0.0])
+    busy_until, before = None, None
+    for name, start, end in sorted(spans, key=lambda span: span[1]):
+        if busy_until is not None and start > busy_until:
+            gap = start - busy_until
+            if gap < min_us:
+                short += gap
+            else:
+                site = long_gaps[f"{before[:60]} -> {name[:60]}"]
+                site[0] += 1
+                site[1] += gap
+        if busy_until is None or end > busy_until:
+            busy_until, before = end, name
+    in_long = sum(ms for _, ms in long_gaps.values())
+    ranked = sorted(long_gaps.items(), key=lambda kv: -kv[1][1])[:top]
+    return {"idle_ms_per_step": (short + in_long) / 1000 / steps, f"in_gaps_under_{min_us:g}us_ms_per_step": short / 1000 / steps,
+            "longest_sites": [{"site": site, "gaps_per_step": n / steps, "ms_per_step": us / 1000 / steps}
+                              for site, (n, us) in ranked]}
+
+
 def top_cpu_ops(prof, steps: int, top: int = 20) -> list[dict]:
     """Host time per step of the ops that spend most of it themselves (what keeps the GPU waiting, if anything)."""
     events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
     return [{"op": e.key[:120], "self_cpu_ms_per_step": e.self_cpu_time_total / 1000 / steps,
              "calls_per_step": e.count / steps} for e in events]
+
+
+def memory_at_peak(model, step, batch, top: int = 15) -> dict:
+    """Where one step's peak memory is: the step run with the allocator's history recorded (Python stacks), the
+    blocks live at its peak (:func:`live_at_peak`) over what was allocated before it (weights, no gradients)."""
+    model.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    baseline = torch.cuda.memory_allocated()
+    torch.cuda.memory._record_memory_history(context="alloc", stacks="python")
+    try:
+        step(model, *batch)
+        torch.cuda.synchronize()
+        trace = torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()]
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    return {"before_step_gib": baseline / 2**30, **live_at_peak(trace, top)}
+
+
+def live_at_peak(trace: list[dict], top: int = 15) -> dict:
+    """The most memory the blocks allocated within an allocator ``trace`` held at once, and the blocks live then
+    grouped by the first frame outside torch that allocated them (the model's line, liger's, a compiled graph's)."""
+    sizes, held, peak, peak_at = {}, 0, 0, -1
+    for index, entry in enumerate(trace):
+        if entry["action"] == "alloc":
+            sizes[entry["addr"]] = entry["size"]
+            held += entry["size"]
+            if held > peak:
+                peak, peak_at = held, index
+        elif entry["action"] == "free_completed" and entry["addr"] in sizes:
+            held -= sizes.pop(entry["addr"])
+    live = {}
+    for entry in trace[:peak_at + 1]:
+        if entry["action"] == "alloc":
+            live[entry["addr"]] = entry
+        elif entry["action"] == "free_completed":
+            live.pop(entry["addr"], None)
+    sites = defaultdict(lambda: [0, 0])
+    for entry in live.values():
+        site = sites[allocation_site(entry.get("frames", []))]
+        site[0] += 1
+        site[1] += entry["size"]
+    ranked = sorted(sites.items(), key=lambda kv: -kv[1][1])[:top]
+    return {"peak_in_step_gib": peak / 2**30,
+            "live_at_peak": [{"site": site, "blocks": n, "gib": size / 2**30} for site, (n, size) in ranked]}
+
+
+def allocation_site(frames: list[dict]) -> str:
+    """``file:line function`` of the innermost frame outside torch's own code (innermost first, as recorded)."""
+    for frame in frames:
+        if "/torch/" not in frame["filename"] and not frame["filename"].startswith("<"):
+            return f"{Path(frame['filename']).name}:{frame['line']} {frame['name']}"
+    return f"torch: {frames[0]['name']}" if frames else "no stack"
 
 
 def trainer_throughput(run_dir: str, warmup: int) -> dict:
@@ -320,6 +413,8 @@ def main():
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="after timing, profile this many more steps of each contender (kernel categories)")
+    parser.add_argument("--memory-peak", action="store_true",
+                        help="then one more step with the allocator's history recorded: what is live at its peak")
     parser.add_argument("--contenders", default="hf_padfree,hf_padfree_liger,hfpatch_eager,hfpatch_liger,hfpatch")
     parser.add_argument("--data", help="with --source trainer: the run's --data (read with --overflow split)")
     parser.add_argument("--trainer-run", metavar="DIR", nargs="+", default=[], help="with --source trainer: "
@@ -368,6 +463,11 @@ def main():
                 results.append(measure(name, model, step, batches, args.warmup))
                 if args.profile:
                     results[-1]["profile"] = profile_steps(model, step, batches[args.warmup:][:args.profile])
+                if args.memory_peak:
+                    try:
+                        results[-1]["memory_at_peak"] = memory_at_peak(model, step, batches[args.warmup])
+                    except Exception as exc:  # a diagnosis that fails keeps the contender's measurement
+                        results[-1]["memory_at_peak"] = {"error": repr(exc)[:400]}
         except torch.OutOfMemoryError as exc:
             results.append({"contender": name, "error": f"out of memory: {str(exc)[:200]}"})
         except Exception as exc:  # a contender that cannot run here is reported, not fatal

@@ -38,6 +38,12 @@ def category(name: str) -> str:
     return next((label for label, pattern in CATEGORIES if pattern.search(name)), "other (elementwise, norms, loss, copies)")
 
 
+def is_annotation(event) -> bool:
+    """A range on the GPU timeline (record_function's, such as "Optimizer.step#AdamW.step" or "FSDP::...", and
+    NCCL's "nccl:*"): it spans kernels counted on their own, so counting it too would double their time."""
+    return getattr(event, "is_user_annotation", False) or event.key.startswith("nccl:")
+
+
 def kernel_breakdown(prof, top: int = 15) -> dict:
     """GPU time of a profile by kernel category, and its top kernels."""
     per_category: dict[str, float] = defaultdict(float)
@@ -46,10 +52,7 @@ def kernel_breakdown(prof, top: int = 15) -> dict:
         device_us = getattr(event, "self_device_time_total", None)
         if device_us is None:
             device_us = event.self_cuda_time_total
-        # ranges on the GPU timeline (record_function's, such as "Optimizer.step#AdamW.step" or "FSDP::...", and
-        # NCCL's "nccl:*") span kernels counted on their own: counting them too would double the time
-        annotation = getattr(event, "is_user_annotation", False) or event.key.startswith("nccl:")
-        if device_us <= 0 or event.device_type != torch.autograd.DeviceType.CUDA or annotation:
+        if device_us <= 0 or event.device_type != torch.autograd.DeviceType.CUDA or is_annotation(event):
             continue
         per_category[category(event.key)] += device_us
         kernels.append({"kernel": event.key[:120], "ms": device_us / 1000, "calls": event.count,

@@ -91,3 +91,38 @@ def test_host_syncs_name_the_ops_each_wait_happened_in(bench):
             torch.neg(x)
     sites = {s["site"]: s["calls_per_step"] for s in bench.host_syncs(prof, steps=2, calls=("aten::neg",))}
     assert sites == {"aten::neg < inner < outer": 1.0, "aten::neg": 1.0}
+
+
+def test_idle_gaps_add_up_the_idle_time_and_name_the_work_around_long_gaps(bench):
+    """Two steps of a made-up timeline (microseconds): back-to-back kernels, one overlap, one long gap a step."""
+    step = [("embed", 0, 100), ("gemm", 105, 500), ("copy", 400, 450), ("norm", 510, 600), ("loss", 1600, 1700)]
+    spans = step + [(name, start + 2000, end + 2000) for name, start, end in step]
+    idle = bench.idle_gaps(spans, steps=2, min_us=20)
+    # per step: 5 us + 10 us short gaps; 1000 us norm -> loss; 300 us between the steps (loss -> embed), once
+    assert idle["in_gaps_under_20us_ms_per_step"] == pytest.approx(0.015)
+    assert idle["idle_ms_per_step"] == pytest.approx(0.015 + 1.0 + 0.15)
+    assert idle["longest_sites"] == [
+        {"site": "norm -> loss", "gaps_per_step": 1.0, "ms_per_step": pytest.approx(1.0)},
+        {"site": "loss -> embed", "gaps_per_step": 0.5, "ms_per_step": pytest.approx(0.15)},
+    ]
+
+
+def test_live_at_peak_groups_the_blocks_held_at_the_peak_by_the_code_that_allocated_them(bench):
+    """A made-up allocator trace: the peak is reached before the activation is freed; a block freed before the peak
+    and one whose free has not completed by then are told apart; torch's own frames are skipped."""
+    def alloc(addr, size, *files):
+        return {"action": "alloc", "addr": addr, "size": size,
+                "frames": [{"filename": f, "line": 7, "name": "fn"} for f in files]}
+
+    def free(addr, action="free_completed"):
+        return {"action": action, "addr": addr, "size": 0}
+
+    model, torch_op = "/x/modeling_llama.py", "/site-packages/torch/nn/functional.py"
+    trace = [alloc(1, 100, torch_op, model), alloc(2, 50, "/tmp/torchinductor_u/ab/cab.py"), free(2),
+             alloc(3, 300, model), free(1, "free_requested"), alloc(4, 40, torch_op), free(3), alloc(5, 10, model)]
+    peak = bench.live_at_peak(trace)
+    assert peak["peak_in_step_gib"] * 2**30 == 440
+    assert peak["live_at_peak"] == [
+        {"site": "modeling_llama.py:7 fn", "blocks": 2, "gib": 400 / 2**30},
+        {"site": "torch: fn", "blocks": 1, "gib": 40 / 2**30},
+    ]
