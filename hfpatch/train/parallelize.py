@@ -30,10 +30,15 @@ def compile_decoder_layers(model: torch.nn.Module) -> list[str]:
     fuse); attention runs eagerly between its two graphs (the runtime's entry points are excluded from
     compilation), reading the pack from the layer call's arguments, so a new pack every step costs no
     recompile. Only ``forward`` is compiled: the module's hooks (FSDP2, checkpointing) stay outside and
-    parameter names stay unchanged. Other layers compile their MLP and norms.
+    parameter names stay unchanged. Other layers compile their MLP and norms. The norm after the last layer
+    compiles too ("final norm"): eager, it keeps a float32 copy of the hidden states for backward.
     """
     compiled = []
-    for layer in find_decoder_layers(model):
+    layers = find_decoder_layers(model)
+    for norm in _final_norms(model, layers):
+        norm.compile()
+        compiled.append("final norm")
+    for layer in layers:
         if _dense_decoder_layer(layer):
             layer.forward = torch.compile(layer.forward)
             compiled.append("layer")
@@ -43,6 +48,17 @@ def compile_decoder_layers(model: torch.nn.Module) -> list[str]:
                 part.compile()
                 compiled.append(name)
     return sorted(set(compiled))
+
+
+def _final_norms(model: torch.nn.Module, layers: list[torch.nn.Module]) -> list[torch.nn.Module]:
+    """The norms beside a list of decoder layers (``model.model.norm``, Mamba's ``norm_f``)."""
+    ids = {id(layer) for layer in layers}
+    norms = []
+    for module in model.modules():
+        children = dict(module.named_children())
+        if any(isinstance(c, torch.nn.ModuleList) and any(id(m) in ids for m in c) for c in children.values()):
+            norms += [child for name, child in children.items() if name.lower().endswith(("norm", "norm_f"))]
+    return norms
 
 
 def checkpoint_layers(model: torch.nn.Module, fraction: float) -> int:
