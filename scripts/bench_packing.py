@@ -12,6 +12,8 @@ contender (equal real tokens per step), no optimizer:
   hfpatch_liger     the patched model with liger's RMSNorm / SwiGLU / RoPE kernels and the fused loss
   hfpatch           the patched model as `hfpatch train` runs it on a GPU by default: decoder layers
                     compiled whole (attention eager between the graphs) and the fused linear loss
+  gemm_only         not a model: the step's matmuls alone (every projection's forward and both backward GEMMs,
+                    the output head whole), back to back: the floor of any contender's step on this card
 Documents: log-normal lengths, median 350 tokens, sigma 1.0, clipped to [16, 4096]; or (--source
 trainer) the documents `hfpatch train llama2 --seq-len N --micro-num 1` reads, step by step.
 MFU for every contender: (6 N tokens + causal attention FLOPs) / time / 989 TFLOP/s (H100/H200 bf16), N the
@@ -33,6 +35,7 @@ import os
 import sys
 import time
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -42,7 +45,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100 / H200 SXM, the MFU denominator
-CONTENDERS = ("padded", "hf_padfree", "hf_padfree_liger", "hfpatch_eager", "hfpatch_liger", "hfpatch")
+CONTENDERS = ("padded", "hf_padfree", "hf_padfree_liger", "hfpatch_eager", "hfpatch_liger", "hfpatch", "gemm_only")
 
 
 def lognormal_documents(n_tokens: int, vocab: int, seed: int) -> list[torch.Tensor]:
@@ -98,15 +101,45 @@ def to_gpu(tensor: torch.Tensor) -> torch.Tensor:
     return to_device(tensor, "cuda")
 
 
-def packed_inputs(docs):
-    ids = to_gpu(torch.cat(docs)[None])
-    positions = to_gpu(torch.cat([torch.arange(len(d)) for d in docs])[None])
-    labels = to_gpu(torch.cat([shifted(d) for d in docs])[None])
-    return ids, positions, labels
+@dataclass
+class Batch:
+    """One step's documents and the host tensors of its packed row, built before any timing: a trainer builds the
+    next batch while the GPU runs, so no contender's steps pay for it (they copy them, without a wait)."""
+
+    docs: list[torch.Tensor]
+    ids: torch.Tensor
+    positions: torch.Tensor
+    labels: torch.Tensor  # shifted: labels[i] is the target of position i, -100 at each document's end
+    unshifted_labels: torch.Tensor  # transformers' convention: it shifts them; -100 at each document's start
+    cu_seqlens: torch.Tensor
+
+    @property
+    def tokens(self) -> int:
+        return int(self.ids.numel())
+
+    @property
+    def n_targets(self) -> int:
+        return self.tokens - len(self.docs)
+
+    @property
+    def max_len(self) -> int:
+        return max(len(d) for d in self.docs)
 
 
-def step_padded(model, docs, n_targets, micro=8):
-    loss_total = 0.0
+def make_batch(docs: list[torch.Tensor], pin: bool = True) -> Batch:
+    tensors = [torch.cat(docs)[None], torch.cat([torch.arange(len(d)) for d in docs])[None],
+               torch.cat([shifted(d) for d in docs])[None],
+               torch.cat([torch.cat([torch.tensor([-100]), d[1:]]) for d in docs])[None],
+               torch.tensor([0, *torch.tensor([len(d) for d in docs]).cumsum(0).tolist()], dtype=torch.int32)]
+    return Batch(docs, *(t.pin_memory() if pin else t for t in tensors))
+
+
+def packed_inputs(batch: Batch):
+    return to_gpu(batch.ids), to_gpu(batch.positions), to_gpu(batch.labels)
+
+
+def step_padded(model, batch: Batch, micro=8):
+    docs, n_targets, loss_total = batch.docs, batch.n_targets, 0.0
     for i in range(0, len(docs), micro):
         chunk = docs[i:i + micro]
         width = max(len(d) for d in chunk)
@@ -124,38 +157,68 @@ def step_padded(model, docs, n_targets, micro=8):
     return loss_total
 
 
-def step_hf_padfree(model, docs, n_targets):
-    ids, positions, labels = packed_inputs(docs)
-    loss = token_losses(model(input_ids=ids, position_ids=positions, use_cache=False).logits, labels) / n_targets
+def step_hf_padfree(model, batch: Batch):
+    ids, positions, labels = packed_inputs(batch)
+    loss = token_losses(model(input_ids=ids, position_ids=positions, use_cache=False).logits, labels) / batch.n_targets
     loss.backward()
     return loss.item()
 
 
-def step_hf_padfree_liger(model, docs, n_targets):
+def step_hf_padfree_liger(model, batch: Batch):
     # transformers' labels convention (it shifts them): -100 at each document's first token, as
     # DataCollatorWithFlattening writes them, so no target crosses a document boundary
-    ids, positions, _ = packed_inputs(docs)
-    labels = to_gpu(torch.cat([torch.cat([torch.tensor([-100]), d[1:]]) for d in docs])[None])
+    ids, positions, labels = to_gpu(batch.ids), to_gpu(batch.positions), to_gpu(batch.unshifted_labels)
     loss = model(input_ids=ids, position_ids=positions, labels=labels, use_cache=False).loss
     loss.backward()
     return loss.item()
 
 
-def step_hfpatch(model, docs, n_targets, fused_loss=False):
+def step_hfpatch(model, batch: Batch, fused_loss=False):
     from hfpatch import runtime
     from hfpatch.train.output_head import output_weight
 
-    ids, positions, labels = packed_inputs(docs)
-    lengths = torch.tensor([0] + [len(d) for d in docs])
-    cu = torch.cumsum(lengths, 0).to(torch.int32)
-    with runtime.packed_batch(cu, max(len(d) for d in docs), device="cuda"):  # as the trainer: moved from the host
+    ids, positions, labels = packed_inputs(batch)
+    with runtime.packed_batch(batch.cu_seqlens, batch.max_len, device="cuda"):  # as the trainer: moved from the host
         out = model(input_ids=ids, position_ids=positions, use_cache=False).logits
     if fused_loss:
-        loss = runtime.fused_linear_causal_lm_loss(out, output_weight(model), labels, num_valid_tokens=n_targets)
+        loss = runtime.fused_linear_causal_lm_loss(out, output_weight(model), labels, num_valid_tokens=batch.n_targets)
     else:
-        loss = token_losses(out, labels) / n_targets
+        loss = token_losses(out, labels) / batch.n_targets
     loss.backward()
     return loss.item()
+
+
+class GemmOnly(torch.nn.Module):
+    """The model's projection weights (q, k, v, o, gate, up, down per layer; the output head), bf16, and random
+    activations: :func:`step_gemm_only` runs the step's matmuls on them and nothing else."""
+
+    def __init__(self, cfg, max_tokens: int):
+        super().__init__()
+        h, i, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+        shapes = [(h, h)] * 4 + [(i, h)] * 2 + [(h, i)]  # (out, in): q, k, v, o, gate, up, down
+        self.layers = torch.nn.ModuleList(
+            torch.nn.ParameterList(torch.nn.Parameter(torch.randn(*shape) * 0.02) for shape in shapes)
+            for _ in range(cfg.num_hidden_layers))
+        self.head = torch.nn.Parameter(torch.randn(v, h) * 0.02)
+        for width in {h, i, v}:
+            self.register_buffer(f"act_{width}", torch.randn(max_tokens, width))
+
+    def act(self, width: int, tokens: int) -> torch.Tensor:
+        return getattr(self, f"act_{width}")[:tokens]
+
+
+def step_gemm_only(model: GemmOnly, batch: Batch) -> float:
+    """Forward ``x W^T`` of every projection in the step's order, then backward ``dY W`` and ``dY^T x`` in reverse;
+    the inputs and output gradients are stand-ins of the right shapes (timing, not numbers)."""
+    t = batch.tokens
+    weights = [w for layer in model.layers for w in layer] + [model.head]
+    for w in weights:
+        out = model.act(w.shape[1], t) @ w.t()
+    for w in reversed(weights):
+        dy = model.act(w.shape[0], t)
+        dy @ w
+        out = dy.t() @ model.act(w.shape[1], t)
+    return float(out[0, 0])
 
 
 def globals_restored_after(*modules):
@@ -205,7 +268,9 @@ def build(name, cfg, state):
             apply_liger_to_patched(model)
         if name == "hfpatch":
             compile_decoder_layers(model)
-        return model, lambda m, docs, n: step_hfpatch(m, docs, n, fused_loss=fused), context
+        return model, lambda m, batch: step_hfpatch(m, batch, fused_loss=fused), context
+    if name == "gemm_only":
+        return GemmOnly(cfg, cfg.max_position_embeddings), step_gemm_only, contextlib.nullcontext()
     if name == "hf_padfree_liger":
         from liger_kernel.transformers import apply_liger_kernel_to_llama
 
@@ -225,25 +290,43 @@ def timed_steps(model, step, batches) -> tuple[float, int]:
     """Seconds and real tokens of ``batches``, each a step from zero gradients, GPU work included."""
     torch.cuda.synchronize()
     start, tokens = time.perf_counter(), 0
-    for docs, n_targets in batches:
+    for batch in batches:
         model.zero_grad(set_to_none=True)
-        step(model, docs, n_targets)
-        tokens += sum(len(d) for d in docs)
+        step(model, batch)
+        tokens += batch.tokens
     torch.cuda.synchronize()
     return time.perf_counter() - start, tokens
 
 
+def energy_counter():
+    """A function reading the card's energy counter in joules (NVML), or None where NVML cannot be read."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+        pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)
+    except Exception:
+        return None
+    return lambda: pynvml.nvmlDeviceGetTotalEnergyConsumption(handle) / 1000  # mJ
+
+
 def measure(name, model, step, batches, warmup):
     model.zero_grad(set_to_none=True)
-    first_loss = step(model, *batches[0])
+    first_loss = step(model, batches[0])
     timed_steps(model, step, batches[1:warmup])
     torch.cuda.reset_peak_memory_stats()
     started = datetime.datetime.now()  # local time, as nvidia-smi's log stamps it (gpu_bench.sh packing)
+    energy = energy_counter()
+    joules = energy() if energy else None
     seconds, tokens = timed_steps(model, step, batches[warmup:])
     result = {"contender": name, "real_tokens_per_s": tokens / seconds, "seconds": seconds, "real_tokens": tokens,
               "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "first_step_loss": first_loss,
               "timed_window": [started.isoformat(timespec="milliseconds"),
                                datetime.datetime.now().isoformat(timespec="milliseconds")]}
+    if energy:  # under a power limit, tokens per joule is what a faster step has to improve
+        joules = energy() - joules
+        result.update({"joules": joules, "mean_power_w": joules / seconds, "real_tokens_per_joule": tokens / joules})
     print(json.dumps(result), flush=True)
     return result
 
@@ -340,7 +423,7 @@ def memory_at_peak(model, step, batch, top: int = 15) -> dict:
     baseline = torch.cuda.memory_allocated()
     torch.cuda.memory._record_memory_history(context="alloc", stacks="python")
     try:
-        step(model, *batch)
+        step(model, batch)
         torch.cuda.synchronize()
         trace = torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()]
     finally:
@@ -442,7 +525,7 @@ def main():
         step_docs = trainer_documents(args.tokens_per_step, args.steps + args.warmup, args.data)
     else:
         step_docs = [lognormal_documents(args.tokens_per_step, cfg.vocab_size, seed=s) for s in range(args.steps + args.warmup)]
-    batches = [(docs, sum(len(d) - 1 for d in docs)) for docs in step_docs]
+    batches = [make_batch(docs) for docs in step_docs]
     torch.manual_seed(0)
     reference = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
     state = {k: v.clone() for k, v in reference.state_dict().items()}
@@ -477,8 +560,8 @@ def main():
         torch.cuda.empty_cache()
         write_report(args.out, report)  # each contender's result kept as it comes (a run cut short still reports)
     measured = batches[args.warmup:]
-    flops = 6 * n_params * sum(len(d) for docs, _ in measured for d in docs) + sum(
-        attention_flops(docs, args.layers, args.hidden) for docs, _ in measured)
+    flops = 6 * n_params * sum(batch.tokens for batch in measured) + sum(
+        attention_flops(batch.docs, args.layers, args.hidden) for batch in measured)
     by_name = {r["contender"]: r for r in results if "error" not in r}
     for r in by_name.values():
         r["mfu"] = flops / r["seconds"] / BF16_PEAK

@@ -3,6 +3,7 @@
 import importlib.util
 import sys
 import types
+from collections import Counter
 
 import pytest
 from transformers import LlamaConfig
@@ -15,8 +16,10 @@ from test_train_common import REPO, train_env  # noqa: F401  (a private zoo and 
 def bench():
     spec = importlib.util.spec_from_file_location("bench_packing", REPO / "scripts" / "bench_packing.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass resolves annotations through it
     spec.loader.exec_module(module)
-    return module
+    yield module
+    del sys.modules[spec.name]
 
 
 def test_every_log_normal_step_has_exactly_the_tokens_asked(bench):
@@ -126,3 +129,20 @@ def test_live_at_peak_groups_the_blocks_held_at_the_peak_by_the_code_that_alloca
         {"site": "modeling_llama.py:7 fn", "blocks": 2, "gib": 400 / 2**30},
         {"site": "torch: fn", "blocks": 1, "gib": 40 / 2**30},
     ]
+
+
+def test_the_gemm_only_contender_runs_each_projections_three_matmuls_and_nothing_else(bench):
+    """Its time is the floor of a step: the forward and both backward GEMMs of 7 projections a layer and the head."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128)
+    model, step, _ = bench.build("gemm_only", config, state=None)
+    batch = bench.make_batch([torch.arange(3, 40), torch.arange(3, 20)], pin=False)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step(model, batch)
+    ops = Counter(e.name for e in prof.events() if e.cpu_parent is None and e.name.startswith("aten::"))
+    assert ops["aten::matmul"] + ops["aten::mm"] == 3 * (7 * 2 + 1)
+    shapes = sorted({tuple(w.shape) for w in model.parameters()})
+    assert shapes == [(32, 32), (32, 48), (48, 32), (64, 32)] and batch.tokens == 54 and batch.n_targets == 52
