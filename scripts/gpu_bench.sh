@@ -42,14 +42,14 @@ open(sys.argv[1], "w").writelines(json.dumps({"text": d}) + "\n" for d in docs)'
   echo "$docs"
 }
 
-# the peer and hfpatch's two fast contenders, profiled (~110 s each) and what is live at each one's memory peak, with
-# the card's SM clock and power draw logged beside them (a GEMM-bound step may run at a lower clock under the power
-# limit); PACKING_CONTENDERS to change
+# the step's matmuls alone (the floor), the peer and hfpatch's default, profiled (~110 s each) and what is live at each
+# one's memory peak, with the card's SM clock and power draw logged beside them (a GEMM-bound step runs at a lower
+# clock under the power limit); PACKING_CONTENDERS to change
 packing() {
   nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu --format=csv -lms 500 > "$RESULTS/gpu_clocks.csv" &
   local clocks=$!
   STAGE_TIMEOUT=420 stage python3 scripts/bench_packing.py --out "$RESULTS/packing.json" --profile 2 --memory-peak \
-    --contenders "${PACKING_CONTENDERS:-hf_padfree_liger,hfpatch,hfpatch_liger}"
+    --contenders "${PACKING_CONTENDERS:-gemm_only,hf_padfree_liger,hfpatch}"
   kill "$clocks"
 }
 
