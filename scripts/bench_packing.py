@@ -449,14 +449,14 @@ def live_at_peak(trace: list[dict], top: int = 15) -> dict:
             live[entry["addr"]] = entry
         elif entry["action"] == "free_completed":
             live.pop(entry["addr"], None)
-    sites = defaultdict(lambda: [0, 0])
+    sites = defaultdict(list)
     for entry in live.values():
-        site = sites[allocation_site(entry.get("frames", []))]
-        site[0] += 1
-        site[1] += entry["size"]
-    ranked = sorted(sites.items(), key=lambda kv: -kv[1][1])[:top]
-    return {"peak_in_step_gib": peak / 2**30,
-            "live_at_peak": [{"site": site, "blocks": n, "gib": size / 2**30} for site, (n, size) in ranked]}
+        sites[allocation_site(entry.get("frames", []))].append(entry["size"])
+    ranked = sorted(sites.items(), key=lambda kv: -sum(kv[1]))[:top]
+    return {"peak_in_step_gib": peak / 2**30,  # a site's largest blocks tell apart what it holds (a stackless one)
+            "live_at_peak": [{"site": site, "blocks": len(sizes), "gib": sum(sizes) / 2**30,
+                              "largest_mib": [round(b / 2**20, 1) for b in sorted(sizes, reverse=True)[:6]]}
+                             for site, sizes in ranked]}
 
 
 def allocation_site(frames: list[dict]) -> str:

@@ -113,8 +113,8 @@ def test_idle_gaps_add_up_the_idle_time_and_name_the_work_around_long_gaps(bench
 def test_live_at_peak_groups_the_blocks_held_at_the_peak_by_the_code_that_allocated_them(bench):
     """A made-up allocator trace: the peak is reached before the activation is freed; a block freed before the peak
     and one whose free has not completed by then are told apart; torch's own frames are skipped."""
-    def alloc(addr, size, *files):
-        return {"action": "alloc", "addr": addr, "size": size,
+    def alloc(addr, mib, *files):
+        return {"action": "alloc", "addr": addr, "size": mib * 2**20,
                 "frames": [{"filename": f, "line": 7, "name": "fn"} for f in files]}
 
     def free(addr, action="free_completed"):
@@ -124,10 +124,10 @@ def test_live_at_peak_groups_the_blocks_held_at_the_peak_by_the_code_that_alloca
     trace = [alloc(1, 100, torch_op, model), alloc(2, 50, "/tmp/torchinductor_u/ab/cab.py"), free(2),
              alloc(3, 300, model), free(1, "free_requested"), alloc(4, 40, torch_op), free(3), alloc(5, 10, model)]
     peak = bench.live_at_peak(trace)
-    assert peak["peak_in_step_gib"] * 2**30 == 440
+    assert peak["peak_in_step_gib"] * 1024 == 440
     assert peak["live_at_peak"] == [
-        {"site": "modeling_llama.py:7 fn", "blocks": 2, "gib": 400 / 2**30},
-        {"site": "torch: fn", "blocks": 1, "gib": 40 / 2**30},
+        {"site": "modeling_llama.py:7 fn", "blocks": 2, "gib": 400 / 1024, "largest_mib": [300.0, 100.0]},
+        {"site": "torch: fn", "blocks": 1, "gib": 40 / 1024, "largest_mib": [40.0]},
     ]
 
 
