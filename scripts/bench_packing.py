@@ -569,7 +569,8 @@ def main():
         if peer in by_name:
             for r in by_name.values():
                 r[f"speedup_vs_{peer}"] = r["real_tokens_per_s"] / by_name[peer]["real_tokens_per_s"]
-                r[f"loss_diff_vs_{peer}"] = abs(r["first_step_loss"] - by_name[peer]["first_step_loss"])
+                if r["contender"] != "gemm_only":  # which computes no loss
+                    r[f"loss_diff_vs_{peer}"] = abs(r["first_step_loss"] - by_name[peer]["first_step_loss"])
     trainers = [trainer_throughput(run, args.warmup) for run in args.trainer_run]
     for trainer in trainers:
         trainer["fraction_of_bare"] = {name: trainer["real_tokens_per_s"] / r["real_tokens_per_s"]
