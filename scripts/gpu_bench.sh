@@ -42,9 +42,10 @@ open(sys.argv[1], "w").writelines(json.dumps({"text": d}) + "\n" for d in docs)'
   echo "$docs"
 }
 
-# the step's matmuls alone (the floor), the peer and hfpatch's default, profiled (~110 s each) and what is live at each
-# one's memory peak, with the card's SM clock and power draw logged beside them (a GEMM-bound step runs at a lower
-# clock under the power limit); PACKING_CONTENDERS to change
+# the step's matmuls alone (the floor), the peer and hfpatch's default, profiled and what is live at each one's memory
+# peak, with the card's SM clock and power draw logged beside them (a GEMM-bound step runs at a lower clock under the
+# power limit); PACKING_CONTENDERS to change. ~4.5 min on a fresh machine, most of it the peer's setup and compile
+# (3-4 min; once it had not reached its timed window after 290 s): give the call the stage's whole 420 s.
 packing() {
   nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu --format=csv -lms 500 > "$RESULTS/gpu_clocks.csv" &
   local clocks=$!
