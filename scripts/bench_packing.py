@@ -217,8 +217,8 @@ def step_gemm_only(model: GemmOnly, batch: Batch) -> float:
         out = model.act(w.shape[1], t) @ w.t()
     for w in reversed(weights):
         dy = model.act(w.shape[0], t)
-        dy @ w
-        out = dy.t() @ model.act(w.shape[1], t)
+        dy @ w  # the input's gradient
+        out = dy.t() @ model.act(w.shape[1], t)  # the weight's
     return float(out[0, 0])
 
 
@@ -512,6 +512,8 @@ def main():
     missing = [run for run in args.trainer_run if not (Path(run) / "metrics.jsonl").is_file()]
     if missing:  # checked before the minutes of measuring, not after
         parser.error(f"--trainer-run {missing[0]} has no metrics.jsonl (give the --out dir of an `hfpatch train` run)")
+    if not torch.cuda.is_available():
+        parser.error("no CUDA GPU here: every contender runs on one (this script measures GPU steps)")
 
     import transformers
 

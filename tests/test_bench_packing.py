@@ -146,3 +146,13 @@ def test_the_gemm_only_contender_runs_each_projections_three_matmuls_and_nothing
     assert ops["aten::matmul"] + ops["aten::mm"] == 3 * (7 * 2 + 1)
     shapes = sorted({tuple(w.shape) for w in model.parameters()})
     assert shapes == [(32, 32), (32, 48), (48, 32), (64, 32)] and batch.tokens == 54 and batch.n_targets == 52
+
+
+def test_without_a_gpu_it_says_so_in_one_line_and_writes_nothing(bench, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["bench_packing.py", "--out", str(tmp_path / "out.json")])
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main()
+    assert exit_info.value.code == 2 and not (tmp_path / "out.json").exists()
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("no CUDA GPU here: every contender runs on one "
+                                                                     "(this script measures GPU steps)")
