@@ -140,7 +140,7 @@ def packed_inputs(batch: Batch):
 
 
 def step_padded(model, batch: Batch, micro=8):
-    docs, n_targets, loss_total = batch.docs, batch.n_targets, 0.0
+    docs, n_targets, loss_total = batch.docs, batch.n_targets, 0
     for i in range(0, len(docs), micro):
         chunk = docs[i:i + micro]
         width = max(len(d) for d in chunk)
@@ -154,7 +154,7 @@ def step_padded(model, batch: Batch, micro=8):
         logits = model(input_ids=to_gpu(ids), attention_mask=to_gpu(mask), use_cache=False).logits
         loss = token_losses(logits, to_gpu(labels)) / n_targets
         loss.backward()
-        loss_total += loss.item()
+        loss_total = loss_total + loss.detach()
     return loss_total
 
 
@@ -162,7 +162,7 @@ def step_hf_padfree(model, batch: Batch):
     ids, positions, labels = packed_inputs(batch)
     loss = token_losses(model(input_ids=ids, position_ids=positions, use_cache=False).logits, labels) / batch.n_targets
     loss.backward()
-    return loss.item()
+    return loss.detach()
 
 
 def step_hf_padfree_liger(model, batch: Batch):
@@ -171,7 +171,7 @@ def step_hf_padfree_liger(model, batch: Batch):
     ids, positions, labels = to_gpu(batch.ids), to_gpu(batch.positions), to_gpu(batch.unshifted_labels)
     loss = model(input_ids=ids, position_ids=positions, labels=labels, use_cache=False).loss
     loss.backward()
-    return loss.item()
+    return loss.detach()
 
 
 def step_hfpatch(model, batch: Batch, fused_loss=False):
@@ -182,11 +182,12 @@ def step_hfpatch(model, batch: Batch, fused_loss=False):
     with runtime.packed_batch(batch.cu_seqlens, batch.max_len, device="cuda"):  # as the trainer: moved from the host
         out = model(input_ids=ids, position_ids=positions, use_cache=False).logits
     if fused_loss:
-        loss = runtime.fused_linear_causal_lm_loss(out, output_weight(model), labels, num_valid_tokens=batch.n_targets)
+        loss = runtime.fused_linear_causal_lm_loss(out, output_weight(model), labels, num_valid_tokens=batch.n_targets,
+                                                   overwrite_hidden_states=True)  # as the trainer
     else:
         loss = token_losses(out, labels) / batch.n_targets
     loss.backward()
-    return loss.item()
+    return loss.detach()
 
 
 class GemmOnly(torch.nn.Module):
@@ -208,7 +209,7 @@ class GemmOnly(torch.nn.Module):
         return getattr(self, f"act_{width}")[:tokens]
 
 
-def step_gemm_only(model: GemmOnly, batch: Batch) -> float:
+def step_gemm_only(model: GemmOnly, batch: Batch) -> torch.Tensor:
     """Forward ``x W^T`` of every projection in the step's order, then backward ``dY W`` and ``dY^T x`` in reverse;
     the inputs and output gradients are stand-ins of the right shapes (timing, not numbers)."""
     t = batch.tokens
@@ -219,7 +220,7 @@ def step_gemm_only(model: GemmOnly, batch: Batch) -> float:
         dy = model.act(w.shape[0], t)
         dy @ w  # the input's gradient
         out = dy.t() @ model.act(w.shape[1], t)  # the weight's
-    return float(out[0, 0])
+    return out[0, 0]
 
 
 def globals_restored_after(*modules):
@@ -288,7 +289,9 @@ def build(name, cfg, state):
 
 
 def timed_steps(model, step, batches) -> tuple[float, int]:
-    """Seconds and real tokens of ``batches``, each a step from zero gradients, GPU work included."""
+    """Seconds and real tokens of ``batches``, each a step from zero gradients, GPU work included. Each step's loss
+    stays on the GPU, as a trainer keeps it between the steps it logs (HF Trainer's running loss): a read after every
+    step would idle the GPU while the host starts the next one."""
     torch.cuda.synchronize()
     start, tokens = time.perf_counter(), 0
     for batch in batches:
@@ -314,7 +317,7 @@ def energy_counter():
 
 def measure(name, model, step, batches, warmup):
     model.zero_grad(set_to_none=True)
-    first_loss = step(model, batches[0])
+    first_loss = float(step(model, batches[0]))
     timed_steps(model, step, batches[1:warmup])
     torch.cuda.reset_peak_memory_stats()
     started = datetime.datetime.now()  # local time, as nvidia-smi's log stamps it (gpu_bench.sh packing)

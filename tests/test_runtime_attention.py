@@ -276,4 +276,4 @@ def test_env_command_names_the_backend_and_why_the_others_were_passed_over():
     assert [name for name, _ in table] == ["fa4", "flash_attn", "torch_varlen", "reference"]
     assert dict(table)["reference"] == "runs here (auto picks it)"  # no GPU here
     assert "not importable" in dict(table)["fa4"] or "CUDA" in dict(table)["fa4"]
-    assert "fused linear cross-entropy: chunked" in result.output
+    assert "fused linear cross-entropy: eager" in result.output

@@ -1,5 +1,6 @@
 """Single process: a packed toy model == each document alone; token-weighted loss."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -62,3 +63,43 @@ def test_chunked_loss_equals_full_logits_loss():
             torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)
     half = rt.chunked_causal_lm_loss(hidden, weight, labels, num_valid_tokens=68)  # 34 valid here
     torch.testing.assert_close(half, full / 2, rtol=1e-12, atol=0)
+
+
+def test_fused_loss_equals_full_logits_loss():
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(1, 37, 8, dtype=torch.float64, generator=gen, requires_grad=True)
+    weight = torch.randn(50, 8, dtype=torch.float64, generator=gen, requires_grad=True)
+    labels = torch.randint(0, 50, (1, 37), generator=gen)
+    labels[0, [3, 20, 36]] = rt.IGNORE_INDEX
+    full = rt.causal_lm_loss(hidden @ weight.t(), labels)
+    expected = torch.autograd.grad(3 * full, (hidden, weight))  # the gradients are scaled by backward's input
+    # uneven last chunk, one chunk, larger than the sequence, and the default (logits no larger than the states)
+    for chunk, overwrite in [(1, False), (5, True), (37, False), (100, True), (None, False)]:
+        states = hidden * 1  # overwritten, it is read no more; autograd keeps no copy of it
+        loss = rt.fused_linear_causal_lm_loss(states, weight, labels, chunk_tokens=chunk, overwrite_hidden_states=overwrite)
+        grads = torch.autograd.grad(3 * loss, (hidden, weight))
+        torch.testing.assert_close(loss, full, rtol=1e-12, atol=0)
+        for got, want in zip(grads, expected):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)
+    for count in (68, torch.tensor(68)):  # 34 valid here; a count from the ranks arrives as a tensor
+        torch.testing.assert_close(rt.fused_linear_causal_lm_loss(hidden, weight, labels, num_valid_tokens=count),
+                                   full / 2, rtol=1e-12, atol=0)
+    frozen = rt.fused_linear_causal_lm_loss(hidden, weight.detach(), labels)
+    torch.testing.assert_close(torch.autograd.grad(3 * frozen, hidden)[0], expected[0], rtol=1e-12, atol=1e-15)
+    none = rt.fused_linear_causal_lm_loss(hidden, weight, torch.full_like(labels, rt.IGNORE_INDEX))
+    assert none.item() == 0.0 and not torch.autograd.grad(none, hidden)[0].any()
+
+
+def test_fused_loss_refuses_what_would_be_wrong():
+    hidden = torch.randn(1, 6, 4, requires_grad=True)
+    weight = torch.randn(9, 4, requires_grad=True)
+    labels = torch.tensor([[1, 2, 3, -100, 4, 5]])
+    with pytest.raises(ValueError, match="do not line up"):
+        rt.fused_linear_causal_lm_loss(hidden, weight, labels[:, :5])
+    loss = rt.fused_linear_causal_lm_loss(hidden, weight, labels)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="runs backward once"):  # its gradients were scaled in place
+        loss.backward()
+    saved = hidden.exp()  # exp keeps its output for backward: overwriting it must not pass silently
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        rt.fused_linear_causal_lm_loss(saved, weight, labels, overwrite_hidden_states=True).backward()

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .context import ParallelMode, gpc
+from .linear_cross_entropy import LinearCrossEntropy, chunk_rows
 
 IGNORE_INDEX = -100
 
@@ -101,15 +102,9 @@ def chunked_causal_lm_loss(
 
 
 def fused_loss_kernel(device: torch.device) -> str:
-    """What :func:`fused_linear_causal_lm_loss` runs on ``device``: ``liger`` (liger-kernel's fused linear
-    cross-entropy, CUDA) or ``chunked`` (:func:`chunked_causal_lm_loss`)."""
-    if torch.device(device).type == "cuda":
-        try:
-            import liger_kernel.transformers.functional  # noqa: F401
-        except ImportError:
-            return "chunked"
-        return "liger"
-    return "chunked"
+    """How :func:`fused_linear_causal_lm_loss` forms each chunk's cross entropy on ``device``: ``compiled`` (one
+    torch.compile'd kernel, CUDA) or ``eager``."""
+    return "compiled" if torch.device(device).type == "cuda" else "eager"
 
 
 def fused_linear_causal_lm_loss(
@@ -118,30 +113,34 @@ def fused_linear_causal_lm_loss(
     labels: torch.Tensor,
     *,
     num_valid_tokens: int | torch.Tensor | None = None,
-    chunk_tokens: int = 4096,
+    chunk_tokens: int | None = None,
+    overwrite_hidden_states: bool = False,
     ignore_index: int = IGNORE_INDEX,
 ) -> torch.Tensor:
-    """:func:`causal_lm_loss` of ``hidden_states @ lm_head_weight.T`` with the projection fused into the loss.
-
-    On CUDA with liger-kernel installed its fused linear cross-entropy runs: logits exist one chunk at
-    a time in the compute dtype and the gradients are formed in the forward, so there is no recompute
-    and no float32 copy of the logits. Elsewhere :func:`chunked_causal_lm_loss` (exact in float64).
+    """:func:`causal_lm_loss` of ``hidden_states @ lm_head_weight.T`` with the projection fused into the loss
+    (:mod:`.linear_cross_entropy`): logits exist one chunk at a time in the compute dtype, and the gradients are
+    formed in forward, so nothing is recomputed. ``chunk_tokens``: tokens per chunk, by default as many as keep a
+    chunk's logits no larger than the hidden states. ``overwrite_hidden_states``: their storage takes their gradient
+    (one hidden-states-sized buffer less at the step's memory peak); only for a caller that reads them no more, and
+    autograd refuses the backward if anything saved them.
     """
-    if fused_loss_kernel(hidden_states.device) != "liger":
-        return chunked_causal_lm_loss(hidden_states, lm_head_weight, labels, chunk_tokens=chunk_tokens,
-                                      num_valid_tokens=num_valid_tokens, ignore_index=ignore_index)
-    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
-
     if hidden_states.shape[:-1] != labels.shape:
         raise ValueError(f"hidden_states {tuple(hidden_states.shape)} and labels {tuple(labels.shape)} do not line up")
-    hidden = hidden_states.reshape(-1, hidden_states.shape[-1]).to(lm_head_weight.dtype)
-    token_sum = liger_fused_linear_cross_entropy(
-        hidden, lm_head_weight, labels.reshape(-1), ignore_index=ignore_index, reduction="sum",
-        accum_dtype=torch.float32,  # the head's gradient sums over every chunk: keep it in float32
-    )
+    if chunk_tokens is not None and chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
+    hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
+    own_copy = hidden.dtype != lm_head_weight.dtype  # Mamba hands its head float32 states
+    hidden = hidden.to(lm_head_weight.dtype)
     if num_valid_tokens is None:
         num_valid_tokens = count_valid_tokens(labels, ignore_index=ignore_index)
-    return _divide(token_sum, num_valid_tokens)
+    scale_dtype = torch.promote_types(hidden.dtype, torch.float32)
+    if torch.is_tensor(num_valid_tokens):
+        scale = 1 / num_valid_tokens.to(hidden.device, scale_dtype).clamp(min=1)
+    else:  # a fill, not a copy from the host: nothing waits on the GPU
+        scale = torch.full((), 1 / max(int(num_valid_tokens), 1), dtype=scale_dtype, device=hidden.device)
+    chunk = chunk_tokens or chunk_rows(hidden.shape[0], hidden.shape[1], lm_head_weight.shape[0])
+    return LinearCrossEntropy.apply(hidden, lm_head_weight, labels.reshape(-1), scale, ignore_index, chunk,
+                                    overwrite_hidden_states or own_copy)
 
 
 def global_loss(loss: torch.Tensor, mode: ParallelMode = ParallelMode.GLOBAL) -> float:

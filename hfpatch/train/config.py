@@ -138,8 +138,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("model.compile", None, (bool,), "torch.compile each decoder layer (attention runs eagerly between its "
             "graphs; MoE and state-space layers: their MLP and norms)", flag="--compile/--no-compile",
             default_help="auto: on a GPU, unless activations are offloaded or the MLP tiled"),
-    Setting("model.fused_loss", None, (bool,), "fuse the output projection into the cross entropy (liger-kernel on a "
-            "GPU, else chunked): no full logits", flag="--fused-loss/--no-fused-loss", default_help="auto: on a GPU"),
+    Setting("model.fused_loss", None, (bool,), "fuse the output projection into the cross entropy: logits a chunk "
+            "at a time (--loss-chunk sets its tokens), gradients formed in forward, no recompute",
+            flag="--fused-loss/--no-fused-loss", default_help="auto: on a GPU"),
     Setting("model.attention_backend", "auto", (str,), "varlen attention kernel", flag="--attention-backend",
             choices=("auto", "fa4", "flash_attn", "torch_varlen", "reference"),
             default_help="auto: the fastest that can run here; `hfpatch env` says which"),

@@ -218,7 +218,7 @@ class _Trainer:
             f"attention {self.attention}{', decoder layers compiled' if self.compile else ''}"
             f"{', bfloat16 weight copy' if self.weight_copy else ''}"
             f"{f', fused linear loss ({fused_loss_kernel(self.device)})' if self.fused_loss else ''}"
-            f"{f', loss in {cfg.loss_chunk}-token chunks' if cfg.loss_chunk and not self.fused_loss else ''}"
+            f"{f', loss in {cfg.loss_chunk}-token chunks' if cfg.loss_chunk else ''}"
             f"{''.join(', ' + lever for lever in self.levers.describe())}\n"
             f"data: {self.source}: {data.num_documents} documents, {data.num_tokens:,} tokens -> {len(data.rows)} rows "
             f"of {data.seq_len} ({'packed' if cfg.packed else 'padded batches'}; packing efficiency {data.efficiency:.1%}); "

@@ -77,8 +77,9 @@ def _micro_batch_loss(model, batch, *, num_targets, packed, device, loss_fn, ext
     labels = to_device(batch["labels"], device)  # queued before the forward: no copy waits on it
     output = model(**_forward_inputs(batch, device, aux_coef > 0, input_dtype, extra_inputs))
     if fused_loss:
-        loss = fused_linear_causal_lm_loss(output.logits, output_weight(model), labels,
-                                           num_valid_tokens=num_targets, chunk_tokens=loss_chunk or 4096)
+        # the hidden states are read no more: their storage takes their gradient
+        loss = fused_linear_causal_lm_loss(output.logits, output_weight(model), labels, num_valid_tokens=num_targets,
+                                           chunk_tokens=loss_chunk or None, overwrite_hidden_states=True)
     elif loss_chunk:
         loss = chunked_causal_lm_loss(output.logits, output_weight(model), labels, chunk_tokens=loss_chunk,
                                       num_valid_tokens=num_targets)
