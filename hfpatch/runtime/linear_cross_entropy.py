@@ -30,8 +30,9 @@ def cross_entropy_grad_(logits: torch.Tensor, labels: torch.Tensor, scale: torch
 
 @functools.lru_cache(maxsize=None)
 def _compiled_cross_entropy_grad_():
-    # one kernel per chunk, the last (shorter) chunk included: no recompile per pack length
-    return torch.compile(cross_entropy_grad_, dynamic=True, fullgraph=True)
+    # Not dynamic=True: a symbolic vocabulary makes every element's row an integer division by a runtime value and
+    # the loads unaligned (6x slower on an H200). A shorter last chunk recompiles once with the rows alone dynamic.
+    return torch.compile(cross_entropy_grad_, fullgraph=True)
 
 
 def chunk_rows(tokens: int, hidden: int, vocab: int) -> int:
