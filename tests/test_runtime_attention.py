@@ -277,3 +277,29 @@ def test_env_command_names_the_backend_and_why_the_others_were_passed_over():
     assert dict(table)["reference"] == "runs here (auto picks it)"  # no GPU here
     assert "not importable" in dict(table)["fa4"] or "CUDA" in dict(table)["fa4"]
     assert "fused linear cross-entropy: eager" in result.output
+
+
+@pytest.mark.parametrize("heads, kv_heads, causal, window", [(4, 4, True, (-1, -1)), (4, 2, False, (-1, -1)),
+                                                             (4, 1, True, (3, -1)), (4, 2, False, (2, 1))])
+def test_packed_attention_op_traced_equals_eager(heads, kv_heads, causal, window):
+    """Under torch.compile one rank's call runs through torch.ops.hfpatch.packed_attention (no graph break); its
+    registered backward (the reference's in closed form) gives the eager path's gradients."""
+    from hfpatch.runtime.attention_op import packed_attention
+
+    q, k, v, dout, cu = make_pack(heads, kv_heads)
+    lengths = torch.tensor(LENGTHS)
+
+    def attend(q, k, v):
+        return isp_flash_attn_varlen_func(q.sin(), k, v, cu, cu, int(lengths.max()), int(lengths.max()), causal=causal,
+                                          window_size=window).cos()
+
+    torch._dynamo.reset()
+    try:
+        traced = fwd_bwd(torch.compile(attend, fullgraph=True, backend="aot_eager"), q, k, v, dout)
+    finally:
+        torch._dynamo.reset()
+    for got, want in zip(traced, fwd_bwd(attend, q, k, v, dout)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    scale = 1 / math.sqrt(D)
+    args = (q, k, v, cu, cu, causal, scale, *runtime.attention._window(window, causal), "reference")
+    torch.library.opcheck(packed_attention, args)  # fake shapes, autograd registration, tracing

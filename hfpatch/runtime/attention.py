@@ -105,6 +105,16 @@ def validate_cu_seqlens(
     return values
 
 
+def validate_pack(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None) -> tuple[list[int], list[int]]:
+    """Check a packed call's q/k/v [T, H, D] against its boundaries; return them as lists."""
+    _check_qkv(q, k, v, token_dims=1)
+    cu_q = validate_cu_seqlens(cu_seqlens_q, q.shape[0], max_seqlen_q, "cu_seqlens_q")
+    cu_k = validate_cu_seqlens(cu_seqlens_k, k.shape[0], max_seqlen_k, "cu_seqlens_k")
+    if len(cu_q) != len(cu_k):
+        raise ValueError(f"cu_seqlens_q has {len(cu_q)} entries but cu_seqlens_k has {len(cu_k)}")
+    return cu_q, cu_k
+
+
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, token_dims: int) -> None:
     want = token_dims + 2
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -254,13 +264,18 @@ def resolve_backend(
     requested: str | None, q: torch.Tensor, dropout_p: float = 0.0, window: tuple[int, int] = (-1, -1)
 ) -> str:
     """The backend that will run this call: argument, else env var, else auto."""
+    return resolve_call(requested, AttentionCall.of(q, dropout_p, window))
+
+
+def resolve_call(requested: str | None, call: AttentionCall) -> str:
+    """:func:`resolve_backend` for a described call."""
     source = "argument"
     if requested is None:
         requested, source = os.environ.get(ENV_VAR) or "auto", ENV_VAR
     requested = requested.strip().lower()
     if requested == "auto":
-        return auto_backend(AttentionCall.of(q, dropout_p, window))
-    reason = backend_problem(requested, q, dropout_p, window)
+        return auto_backend(call)
+    reason = _problem(requested, call)
     if reason is not None:
         raise AttentionBackendError(
             f"attention backend {requested!r} was requested ({source}) but cannot run: {reason}"
@@ -316,6 +331,29 @@ def _reference_varlen(q, k, v, cu_q, cu_k, window, scale, dropout_p):
     return torch.cat(outs, 0) if outs else q.new_zeros(0, q.shape[1], v.shape[2])
 
 
+def reference_varlen_backward(dout, q, k, v, cu_q, cu_k, window, scale):
+    """(dq, dk, dv) of :func:`_reference_varlen` (no dropout) for ``dout``, in closed form: the packed attention
+    op's backward runs below autograd, where the forward cannot be differentiated again."""
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    rep = q.shape[1] // k.shape[1]
+    for (q0, q1), (k0, k1) in zip(zip(cu_q, cu_q[1:]), zip(cu_k, cu_k[1:])):
+        if q1 == q0 or k1 == k0:
+            continue
+        qs, do = q[q0:q1].transpose(0, 1), dout[q0:q1].transpose(0, 1)  # [H, L, D]
+        ks, vs = (t[k0:k1].repeat_interleave(rep, dim=1).transpose(0, 1) for t in (k, v))
+        scores = qs @ ks.transpose(1, 2) * scale
+        keep = _mask(q1 - q0, k1 - k0, window, q.device)
+        if keep is not None:
+            scores = scores.masked_fill(~keep, float("-inf"))
+        p = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a query with no key gets no gradient
+        dp = do @ vs.transpose(1, 2)
+        ds = p * (dp - (dp * p).sum(-1, keepdim=True))
+        dq[q0:q1] = (ds @ ks * scale).transpose(0, 1)
+        for grad, part in ((dk, ds.transpose(1, 2) @ qs * scale), (dv, p.transpose(1, 2) @ do)):
+            grad[k0:k1] = part.transpose(0, 1).unflatten(1, (k.shape[1], rep)).sum(2)  # GQA: sum the shared heads
+    return dq, dk, dv
+
+
 def _repeat_kv(k, v, heads):
     rep = heads // k.shape[-2]
     if rep == 1:
@@ -339,6 +377,13 @@ def _torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, window, scale):
     return out[0] if isinstance(out, tuple) else out
 
 
+def fa4_window(window: tuple[int, int], causal: bool) -> tuple[int | None, int | None] | None:
+    """The window as FA4 takes it ("unbounded" is None), or None when causal alone says it all."""
+    if window == (-1, -1) or (causal and window[0] < 0):
+        return None
+    return tuple(None if w < 0 else w for w in window)
+
+
 def _fa4(q, k, v, cu_q, cu_k, max_q, max_k, causal, window, scale):
     fn = _load("fa4")[0]
     params = _parameters(fn)
@@ -346,8 +391,8 @@ def _fa4(q, k, v, cu_q, cu_k, max_q, max_k, causal, window, scale):
     for key, value in (("max_seqlen_q", int(max_q)), ("max_seqlen_k", int(max_k))):
         if key in params:
             kwargs[key] = value
-    if window != (-1, -1) and not (causal and window[0] < 0):
-        left, right = (None if w < 0 else w for w in window)  # FA4 spells "unbounded" None
+    if fa4_window(window, causal) is not None:
+        left, right = fa4_window(window, causal)
         if "window_size" in params:
             kwargs["window_size"] = (left, right)
         else:
@@ -372,12 +417,8 @@ def varlen_attention(
     backend: str | None = None,
 ) -> torch.Tensor:
     """Attention within each segment of a pack: q [T, H, D] -> [T, H, D]."""
-    _check_qkv(q, k, v, token_dims=1)
     window = _window(window_size, causal)
-    cu_q = validate_cu_seqlens(cu_seqlens_q, q.shape[0], max_seqlen_q, "cu_seqlens_q")
-    cu_k = validate_cu_seqlens(cu_seqlens_k, k.shape[0], max_seqlen_k, "cu_seqlens_k")
-    if len(cu_q) != len(cu_k):
-        raise ValueError(f"cu_seqlens_q has {len(cu_q)} entries but cu_seqlens_k has {len(cu_k)}")
+    cu_q, cu_k = validate_pack(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     name = resolve_backend(backend, q, dropout_p, window)
     if name == "reference":

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from .attention import dense_attention, varlen_attention
+from .attention_op import traced_varlen_attention
 from .context import ParallelMode, gpc
 
 # head groups whose all-to-alls overlap attention compute (1 = one exchange of all heads)
@@ -161,9 +162,6 @@ def _sp_group():
     return sp, gpc.get_group(ParallelMode.TENSOR)
 
 
-# Both entry points stay out of torch.compile graphs: the kernels are opaque, cu_seqlens are checked on
-# the host, and the all-to-all is a collective; a compiled decoder layer runs them eagerly between graphs.
-@torch.compiler.disable
 def isp_flash_attn_varlen_func(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -186,6 +184,20 @@ def isp_flash_attn_varlen_func(
     Without ISP a ``[B, S, ...]`` input is read as one pack of B*S tokens, as
     InternEvo does; under ISP the pack must be a single row (B == 1)."""
     _no_probs(return_attn_probs)
+    if torch.compiler.is_compiling():  # one rank, FA4 or the reference: the op keeps the compiled layer one graph
+        out = traced_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, softmax_scale=softmax_scale,
+                                      dropout_p=attention_dropout, window_size=window_size, backend=backend)
+        if out is not None:
+            return out
+    return _isp_varlen_eager(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
+                             attention_dropout, window_size, backend)
+
+
+# Out of torch.compile graphs: the kernels are opaque, cu_seqlens are checked on the host, and the all-to-all is a
+# collective; a compiled decoder layer runs them eagerly between graphs.
+@torch.compiler.disable
+def _isp_varlen_eager(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
+                      attention_dropout, window_size, backend):
     sp, group = _sp_group()
     batch_shape = q.shape[:-3]
     if q.dim() == 4:
@@ -212,7 +224,7 @@ def isp_flash_attn_varlen_func(
     return out.reshape(*batch_shape, -1, *out.shape[1:]) if batch_shape else out
 
 
-@torch.compiler.disable
+@torch.compiler.disable  # eager between a compiled layer's graphs, as _isp_varlen_eager
 def isp_flash_attn_func(
     q: torch.Tensor,
     k: torch.Tensor,
