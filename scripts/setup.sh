@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv with the pinned torch first (on a machine without a GPU: the local CPU build; an unpinned
 # torch would pull a multi-GB CUDA build), then hfpatch itself in editable mode (the zoo lives beside the
-# package). --gpu: torch's default (CUDA) build and the GPU extra (flash-attn 4, liger-kernel; wheels only,
-# nothing compiles), matched to torch's CUDA major version.
+# package). --gpu: torch's default (CUDA) build and the GPU extra (flash-attn 4; wheels only, nothing compiles),
+# matched to torch's CUDA major version.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
