@@ -2,7 +2,8 @@
 """The output projection + cross entropy alone, one GPU: hfpatch's fused loss against liger-kernel's.
 
 The packing benchmark's head (16,384 tokens, hidden 2048, vocab 32,000, bf16) forward and backward, per contender:
-milliseconds a call (CUDA events, after warm-up), the memory it adds at its peak over its inputs, and its error
+milliseconds a call (CUDA events, after warm-up), the memory it adds at its peak over its inputs (the gradients it
+returns included), and its error
 against float32 logits (loss, the hidden states' and the head's gradients, relative L2).
 
     python scripts/bench_fused_loss.py --out docs/bench/fused_loss.json
@@ -30,9 +31,10 @@ def contenders() -> dict:
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
     except ImportError:
         return found
-    for name, accum in (("liger", None), ("liger_fp32_accum", torch.float32)):
-        found[name] = (lambda accum: lambda h, w, y, n: liger_fused_linear_cross_entropy(
-            h, w, y, reduction="sum", accum_dtype=accum) / n)(accum)
+    def liger(accum):
+        return lambda h, w, y, n: liger_fused_linear_cross_entropy(h, w, y, reduction="sum", accum_dtype=accum) / n
+
+    found.update(liger=liger(None), liger_fp32_accum=liger(torch.float32))
     return found
 
 

@@ -11,7 +11,7 @@ contender (equal real tokens per step), no optimizer:
                     fused, logits then cross entropy (hfpatch before it fused anything)
   hfpatch_liger     the patched model with liger's RMSNorm / SwiGLU / RoPE kernels and the fused loss
   hfpatch           the patched model as `hfpatch train` runs it on a GPU by default: decoder layers
-                    compiled whole (attention eager between the graphs) and the fused linear loss
+                    compiled whole (attention inside each one's graph) and hfpatch's fused linear loss
   gemm_only         not a model: the step's matmuls alone (every projection's forward and both backward GEMMs,
                     the output head whole), back to back: the floor of any contender's step on this card
 Documents: log-normal lengths, median 350 tokens, sigma 1.0, clipped to [16, 4096]; or (--source

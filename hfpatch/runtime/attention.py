@@ -391,8 +391,9 @@ def _fa4(q, k, v, cu_q, cu_k, max_q, max_k, causal, window, scale):
     for key, value in (("max_seqlen_q", int(max_q)), ("max_seqlen_k", int(max_k))):
         if key in params:
             kwargs[key] = value
-    if fa4_window(window, causal) is not None:
-        left, right = fa4_window(window, causal)
+    bounds = fa4_window(window, causal)
+    if bounds is not None:
+        left, right = bounds
         if "window_size" in params:
             kwargs["window_size"] = (left, right)
         else:

@@ -1,7 +1,7 @@
 """The output projection fused into the cross entropy: logits exist one chunk of tokens at a time.
 
-Forward projects a chunk, turns its logits into their gradient in place (one compiled kernel on a GPU: the softmax
-in float32, minus the target's one-hot, times the loss scale) and at once forms the chunk's share of the hidden
+Forward projects a chunk, turns its logits into their gradient in place (compiled on a GPU: the softmax in float32,
+minus the target's one-hot, times the loss scale) and at once forms the chunk's share of the hidden
 states' and the head's gradients; backward only scales them. So no full or float32 copy of the logits is ever held,
 no projection is recomputed and nothing waits on the GPU. The head's gradient accumulates in the weight's dtype over
 the chunks, as liger-kernel's does by default: a float32 accumulator would be twice the head's size at the step's
@@ -30,8 +30,8 @@ def cross_entropy_grad_(logits: torch.Tensor, labels: torch.Tensor, scale: torch
 
 @functools.lru_cache(maxsize=None)
 def _compiled_cross_entropy_grad_():
-    # Not dynamic=True: a symbolic vocabulary makes every element's row an integer division by a runtime value and
-    # the loads unaligned (6x slower on an H200). A shorter last chunk recompiles once with the rows alone dynamic.
+    # Not dynamic=True: a symbolic vocabulary makes every element's row an integer division by a runtime value (3x
+    # slower on an H200). A shorter last chunk recompiles once, with the rows alone dynamic.
     return torch.compile(cross_entropy_grad_, fullgraph=True)
 
 

@@ -27,11 +27,12 @@ def compile_decoder_layers(model: torch.nn.Module) -> list[str]:
     """torch.compile every decoder layer in place; returns what was compiled ("layer" or child names).
 
     A dense decoder layer compiles whole (norms, RoPE, projections, SwiGLU, residual adds and casts
-    fuse); attention runs eagerly between its two graphs (the runtime's entry points are excluded from
-    compilation), reading the pack from the layer call's arguments, so a new pack every step costs no
-    recompile. Only ``forward`` is compiled: the module's hooks (FSDP2, checkpointing) stay outside and
-    parameter names stay unchanged. Other layers compile their MLP and norms. The norm after the last layer
-    compiles too ("final norm"): eager, it keeps a float32 copy of the hidden states for backward.
+    fuse), FA4 or the reference attention inside its one graph as an op (``runtime.attention_op``); under ISP,
+    or with another kernel, attention runs eagerly between two graphs. The pack comes from the layer call's
+    arguments, so a new pack every step costs no recompile. Only ``forward`` is compiled: the module's hooks
+    (FSDP2, checkpointing) stay outside and parameter names stay unchanged. Other layers compile their MLP and
+    norms. The norm after the last layer compiles too ("final norm"): eager, it keeps a float32 copy of the hidden
+    states for backward.
     """
     compiled = []
     layers = find_decoder_layers(model)
