@@ -288,18 +288,22 @@ def build(name, cfg, state):
     return model, (step_padded if name == "padded" else step_hf_padfree), contextlib.nullcontext()
 
 
-def timed_steps(model, step, batches) -> tuple[float, int]:
-    """Seconds and real tokens of ``batches``, each a step from zero gradients, GPU work included. Each step's loss
-    stays on the GPU, as a trainer keeps it between the steps it logs (HF Trainer's running loss): a read after every
-    step would idle the GPU while the host starts the next one."""
+def timed_steps(model, step, batches) -> tuple[float, int, list[float]]:
+    """Seconds and real tokens of ``batches``, each a step from zero gradients, GPU work included, and each step's
+    milliseconds on the GPU's clock (events read at the end: a step that stalled, on a recompile say, stands out).
+    Each step's loss stays on the GPU, as a trainer keeps it between the steps it logs (HF Trainer's running loss): a
+    read after every step would idle the GPU while the host starts the next one."""
+    marks = [torch.cuda.Event(enable_timing=True) for _ in range(len(batches) + 1)]
     torch.cuda.synchronize()
     start, tokens = time.perf_counter(), 0
-    for batch in batches:
+    marks[0].record()
+    for batch, mark in zip(batches, marks[1:]):
         model.zero_grad(set_to_none=True)
         step(model, batch)
+        mark.record()
         tokens += batch.tokens
     torch.cuda.synchronize()
-    return time.perf_counter() - start, tokens
+    return time.perf_counter() - start, tokens, [a.elapsed_time(b) for a, b in zip(marks, marks[1:])]
 
 
 def energy_counter():
@@ -323,8 +327,9 @@ def measure(name, model, step, batches, warmup):
     started = datetime.datetime.now()  # local time, as nvidia-smi's log stamps it (gpu_bench.sh packing)
     energy = energy_counter()
     joules = energy() if energy else None
-    seconds, tokens = timed_steps(model, step, batches[warmup:])
+    seconds, tokens, step_ms = timed_steps(model, step, batches[warmup:])
     result = {"contender": name, "real_tokens_per_s": tokens / seconds, "seconds": seconds, "real_tokens": tokens,
+              "step_ms": [round(ms, 2) for ms in step_ms],
               "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "first_step_loss": first_loss,
               "timed_window": [started.isoformat(timespec="milliseconds"),
                                datetime.datetime.now().isoformat(timespec="milliseconds")]}
@@ -340,7 +345,7 @@ def profile_steps(model, step, batches) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        seconds, _ = timed_steps(model, step, batches)
+        seconds = timed_steps(model, step, batches)[0]
     return step_profile(prof, len(batches), seconds)
 
 
