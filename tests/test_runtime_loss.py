@@ -47,13 +47,18 @@ def test_loss_is_token_weighted_and_safe_without_targets():
     assert int(rt.count_valid_tokens(labels)) == 3
 
 
-def test_chunked_loss_equals_full_logits_loss():
+def head_case():
+    """Hidden states [1, 37, 8], a 50-token head, labels with three ignored, float64; the full-logits loss."""
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(1, 37, 8, dtype=torch.float64, generator=gen, requires_grad=True)
     weight = torch.randn(50, 8, dtype=torch.float64, generator=gen, requires_grad=True)
     labels = torch.randint(0, 50, (1, 37), generator=gen)
     labels[0, [3, 20, 36]] = rt.IGNORE_INDEX
-    full = rt.causal_lm_loss(hidden @ weight.t(), labels)
+    return hidden, weight, labels, rt.causal_lm_loss(hidden @ weight.t(), labels)
+
+
+def test_chunked_loss_equals_full_logits_loss():
+    hidden, weight, labels, full = head_case()
     expected = torch.autograd.grad(full, (hidden, weight))
     for chunk in (1, 5, 37, 100):  # uneven last chunk, one chunk, chunk larger than the sequence
         loss = rt.chunked_causal_lm_loss(hidden, weight, labels, chunk_tokens=chunk)
@@ -66,12 +71,7 @@ def test_chunked_loss_equals_full_logits_loss():
 
 
 def test_fused_loss_equals_full_logits_loss():
-    gen = torch.Generator().manual_seed(0)
-    hidden = torch.randn(1, 37, 8, dtype=torch.float64, generator=gen, requires_grad=True)
-    weight = torch.randn(50, 8, dtype=torch.float64, generator=gen, requires_grad=True)
-    labels = torch.randint(0, 50, (1, 37), generator=gen)
-    labels[0, [3, 20, 36]] = rt.IGNORE_INDEX
-    full = rt.causal_lm_loss(hidden @ weight.t(), labels)
+    hidden, weight, labels, full = head_case()
     expected = torch.autograd.grad(3 * full, (hidden, weight))  # the gradients are scaled by backward's input
     # uneven last chunk, one chunk, larger than the sequence, and the default (logits no larger than the states)
     for chunk, overwrite in [(1, False), (5, True), (37, False), (100, True), (None, False)]:
