@@ -1,6 +1,17 @@
+import atexit
+import os
+import shutil
+import tempfile
+
 import pytest
 
 from zoo_helpers import copy_zoo
+
+# A compile cache of this session alone (its CLI subprocesses inherit it): inductor's cache keys a graph without the
+# schemas of the custom ops it calls, so a graph cached before an op's signature changed would call it wrongly.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="hfpatch-tests-inductor-")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
 
 @pytest.fixture

@@ -20,6 +20,8 @@ from .attention import (
 from .context import ParallelMode, gpc
 
 IN_GRAPH_BACKENDS = ("fa4", "reference")
+# Changing either op's signature needs a new op name: inductor's on-disk cache keys a compiled graph without the
+# schemas of the ops it calls, and a graph cached before the change would call the op with the old arguments.
 
 
 @torch.compiler.assume_constant_result
