@@ -102,8 +102,8 @@ def chunked_causal_lm_loss(
 
 
 def fused_loss_kernel(device: torch.device) -> str:
-    """How :func:`fused_linear_causal_lm_loss` forms each chunk's cross entropy on ``device``: ``compiled`` (one
-    torch.compile'd kernel, CUDA) or ``eager``."""
+    """How :func:`fused_linear_causal_lm_loss` forms each chunk's cross entropy on ``device``: ``compiled``
+    (torch.compile, CUDA) or ``eager``."""
     return "compiled" if torch.device(device).type == "cuda" else "eager"
 
 
@@ -133,11 +133,9 @@ def fused_linear_causal_lm_loss(
     hidden = hidden.to(lm_head_weight.dtype)
     if num_valid_tokens is None:
         num_valid_tokens = count_valid_tokens(labels, ignore_index=ignore_index)
-    scale_dtype = torch.promote_types(hidden.dtype, torch.float32)
-    if torch.is_tensor(num_valid_tokens):
-        scale = 1 / num_valid_tokens.to(hidden.device, scale_dtype).clamp(min=1)
-    else:  # a fill, not a copy from the host: nothing waits on the GPU
-        scale = torch.full((), 1 / max(int(num_valid_tokens), 1), dtype=scale_dtype, device=hidden.device)
+    # 1 / the count, formed on the device (a fill, not a copy from the host: nothing waits on the GPU)
+    one = torch.ones((), dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
+    scale = _divide(one, num_valid_tokens)
     chunk = chunk_tokens or chunk_rows(hidden.shape[0], hidden.shape[1], lm_head_weight.shape[0])
     return LinearCrossEntropy.apply(hidden, lm_head_weight, labels.reshape(-1), scale, ignore_index, chunk,
                                     overwrite_hidden_states or own_copy)
