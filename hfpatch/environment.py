@@ -12,7 +12,7 @@ import torch
 
 from hfpatch import runtime
 
-OPTIONAL_PACKAGES = ("flash-attn-4", "flash-attn", "liger-kernel", "transformers", "diffusers")
+OPTIONAL_PACKAGES = ("flash-attn-4", "flash-attn", "triton", "liger-kernel", "transformers", "diffusers")
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ def inspect_environment(dtype: torch.dtype = torch.bfloat16, head_dim: int = 128
     return Environment(
         torch=torch.__version__, device=describe_device(device),
         packages={name: _version(name) for name in OPTIONAL_PACKAGES},
-        backends=rows, fused_loss=runtime.fused_loss_kernel(device),
+        backends=rows, fused_loss=runtime.fused_loss_kernel(device, dtype),
     )
 
 

@@ -103,3 +103,9 @@ def test_fused_loss_refuses_what_would_be_wrong():
     saved = hidden.exp()  # exp keeps its output for backward: overwriting it must not pass silently
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         rt.fused_linear_causal_lm_loss(saved, weight, labels, overwrite_hidden_states=True).backward()
+
+
+def test_fused_loss_kernel_keeps_wide_and_host_logits_eager():
+    # the Triton kernel computes in float32: float64 logits, and any on the host, take the eager arithmetic
+    assert rt.fused_loss_kernel(torch.device("cuda"), torch.float64) == "eager"
+    assert rt.fused_loss_kernel(torch.device("cpu"), torch.bfloat16) == "eager"

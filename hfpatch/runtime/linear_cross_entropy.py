@@ -1,7 +1,7 @@
 """The output projection fused into the cross entropy: logits exist one chunk of tokens at a time.
 
-Forward projects a chunk, turns its logits into their gradient in place (compiled on a GPU: the softmax in float32,
-minus the target's one-hot, times the loss scale) and at once forms the chunk's share of the hidden
+Forward projects a chunk, turns its logits into their gradient in place (the softmax in float32, minus the target's
+one-hot, times the loss scale; one Triton kernel on a GPU, ``cross_entropy_kernel``) and at once forms the chunk's share of the hidden
 states' and the head's gradients; backward only scales them. So no full or float32 copy of the logits is ever held,
 no projection is recomputed and nothing waits on the GPU. The head's gradient accumulates in the weight's dtype over
 the chunks, as liger-kernel's does by default: a float32 accumulator would be twice the head's size at the step's
@@ -10,9 +10,11 @@ memory peak.
 
 from __future__ import annotations
 
-import functools
+import importlib.util
 
 import torch
+
+TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # the kernel computes in float32
 
 
 def cross_entropy_grad_(logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -28,11 +30,11 @@ def cross_entropy_grad_(logits: torch.Tensor, labels: torch.Tensor, scale: torch
     return token_loss.sum()
 
 
-@functools.lru_cache(maxsize=None)
-def _compiled_cross_entropy_grad_():
-    # Not dynamic=True: a symbolic vocabulary makes every element's row an integer division by a runtime value (3x
-    # slower on an H200). A shorter last chunk recompiles once, with the rows alone dynamic.
-    return torch.compile(cross_entropy_grad_, fullgraph=True)
+def chunk_kernel(device: torch.device, dtype: torch.dtype) -> str:
+    """What turns a chunk's logits into their gradient: ``triton`` (CUDA, float32 or narrower) or ``eager``."""
+    if torch.device(device).type == "cuda" and dtype in TRITON_DTYPES and importlib.util.find_spec("triton"):
+        return "triton"
+    return "eager"
 
 
 def chunk_rows(tokens: int, hidden: int, vocab: int) -> int:
@@ -46,7 +48,9 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, scale, ignore_index, chunk, overwrite_hidden):
-        cross_entropy = _compiled_cross_entropy_grad_() if hidden.is_cuda else cross_entropy_grad_
+        cross_entropy = cross_entropy_grad_
+        if chunk_kernel(hidden.device, hidden.dtype) == "triton":
+            from .cross_entropy_kernel import cross_entropy_grad_ as cross_entropy
         grad_hidden = hidden if overwrite_hidden else torch.empty_like(hidden)
         grad_weight = torch.zeros_like(weight) if weight.requires_grad else None
         logits = hidden.new_empty(min(chunk, hidden.shape[0]), weight.shape[0])
