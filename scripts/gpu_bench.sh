@@ -7,8 +7,8 @@
 #                                          # $RESULTS/rows/gpu_rows.md; ~5 min, bounded by $ROWS_DEADLINE s, default 320)
 #   bash scripts/gpu_bench.sh levers       # one GPU: peak memory and step time of the packing model at long rows,
 #                                          # memory levers off / --long-context (LEVER_TOKENS, default 65536 131072)
-#   bash scripts/gpu_bench.sh fast         # one GPU: env, checks, attention, the fused loss alone, packing vs the liger
-#                                          # peer, trainer vs bare
+#   bash scripts/gpu_bench.sh fast         # one GPU: env, checks, attention, the fused loss and its chunk kernel alone,
+#                                          # packing vs the liger peer, trainer vs bare
 #   bash scripts/gpu_bench.sh packing      # one GPU: the packing contenders, profiled, GPU clocks logged
 #   bash scripts/gpu_bench.sh trainer_vs_bare  # one GPU: `hfpatch train` against the bare fwd+bwd, same model and packs
 #   bash scripts/gpu_bench.sh padded_pair  # one GPU: padded llama2 vs internlm1 training steps, profiled
@@ -108,6 +108,7 @@ case "${1:-}" in
     stage python3 scripts/gpu_check.py --out "$RESULTS/gpu_check_1gpu.json"
     stage python3 scripts/bench_attention.py --out "$RESULTS/attention.json"
     stage python3 scripts/bench_fused_loss.py --out "$RESULTS/fused_loss.json"
+    stage python3 scripts/bench_loss_chunk.py --out "$RESULTS/loss_chunk.json"
     packing
     trainer_vs_bare ;;
   packing) packing ;;
