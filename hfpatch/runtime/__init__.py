@@ -30,13 +30,13 @@ from .context import (
 from .distributed import current_device, destroy, initialize, parallel_context, to_device
 from .init import normal_, scaled_init_method_normal
 from .isp import all_to_all, isp_flash_attn_func, isp_flash_attn_varlen_func
+from .linear_cross_entropy import fused_loss_kernel
 from .loss import (
     IGNORE_INDEX,
     causal_lm_loss,
     chunked_causal_lm_loss,
     count_valid_tokens,
     fused_linear_causal_lm_loss,
-    fused_loss_kernel,
     global_loss,
 )
 from .packing import (

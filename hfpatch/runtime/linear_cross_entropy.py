@@ -1,8 +1,8 @@
 """The output projection fused into the cross entropy: logits exist one chunk of tokens at a time.
 
 Forward projects a chunk, turns its logits into their gradient in place (the softmax in float32, minus the target's
-one-hot, times the loss scale; one Triton kernel on a GPU, ``cross_entropy_kernel``) and at once forms the chunk's share of the hidden
-states' and the head's gradients; backward only scales them. So no full or float32 copy of the logits is ever held,
+one-hot, times the loss scale; one Triton kernel on a GPU, ``cross_entropy_kernel``) and at once forms the chunk's
+share of the hidden states' and the head's gradients; backward only scales them. So no full or float32 copy of the logits is ever held,
 no projection is recomputed and nothing waits on the GPU. The head's gradient accumulates in the weight's dtype over
 the chunks, as liger-kernel's does by default: a float32 accumulator would be twice the head's size at the step's
 memory peak.
@@ -30,8 +30,9 @@ def cross_entropy_grad_(logits: torch.Tensor, labels: torch.Tensor, scale: torch
     return token_loss.sum()
 
 
-def chunk_kernel(device: torch.device, dtype: torch.dtype) -> str:
-    """What turns a chunk's logits into their gradient: ``triton`` (CUDA, float32 or narrower) or ``eager``."""
+def fused_loss_kernel(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
+    """What turns each chunk's logits into their gradient for ``dtype`` hidden states on ``device``: ``triton``
+    (CUDA, float32 or narrower) or ``eager``."""
     if torch.device(device).type == "cuda" and dtype in TRITON_DTYPES and importlib.util.find_spec("triton"):
         return "triton"
     return "eager"
@@ -49,7 +50,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, scale, ignore_index, chunk, overwrite_hidden):
         cross_entropy = cross_entropy_grad_
-        if chunk_kernel(hidden.device, hidden.dtype) == "triton":
+        if fused_loss_kernel(hidden.device, hidden.dtype) == "triton":
             from .cross_entropy_kernel import cross_entropy_grad_ as cross_entropy
         grad_hidden = hidden if overwrite_hidden else torch.empty_like(hidden)
         grad_weight = torch.zeros_like(weight) if weight.requires_grad else None

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .context import ParallelMode, gpc
-from .linear_cross_entropy import LinearCrossEntropy, chunk_kernel, chunk_rows
+from .linear_cross_entropy import LinearCrossEntropy, chunk_rows
 
 IGNORE_INDEX = -100
 
@@ -99,12 +99,6 @@ def chunked_causal_lm_loss(
     if num_valid_tokens is None:
         num_valid_tokens = count_valid_tokens(labels, ignore_index=ignore_index)
     return _divide(token_sum, num_valid_tokens)
-
-
-def fused_loss_kernel(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
-    """How :func:`fused_linear_causal_lm_loss` forms each chunk's cross entropy for ``dtype`` hidden states on
-    ``device``: ``triton`` (CUDA, float32 or narrower) or ``eager``."""
-    return chunk_kernel(device, dtype)
 
 
 def fused_linear_causal_lm_loss(

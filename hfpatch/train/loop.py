@@ -235,7 +235,8 @@ class _Trainer:
     def attention_backend(self) -> str:
         """The varlen backend this run's attention calls take, and why faster ones were passed over."""
         try:
-            return attention_summary(inspect_environment(self.compute_dtype, self.family.head_dim(self.config), self.device))
+            environment = inspect_environment(self.compute_dtype, self.family.head_dim(self.config), self.device)
+            return attention_summary(environment)
         except AttentionBackendError as exc:
             raise ConfigError(f"--attention-backend: {exc}") from None
 
