@@ -32,7 +32,10 @@ def _cross_entropy_grad_rows(logits, row_stride, labels, scale, token_loss, voca
         running_max = new_max
     lse = running_max + tl.log(running_sum)
     target = tl.where(valid, label, 0)
-    target_logit = tl.load(logits + target).to(tl.float32)  # before the row is overwritten
+    # read before the row is overwritten; a label outside the vocabulary reads nothing and makes the loss NaN (a
+    # check on the host would wait for the GPU)
+    in_vocab = (target >= 0) & (target < vocab)
+    target_logit = tl.load(logits + target, mask=in_vocab, other=float("nan")).to(tl.float32)
     tl.store(token_loss + row, tl.where(valid, lse - target_logit, 0.0))
     coefficient = tl.where(valid, tl.load(scale).to(tl.float32), 0.0)
     for start in range(0, vocab, BLOCK):
@@ -44,7 +47,8 @@ def _cross_entropy_grad_rows(logits, row_stride, labels, scale, token_loss, voca
 
 
 def cross_entropy_grad_(logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """As ``linear_cross_entropy.cross_entropy_grad_``, on a CUDA chunk: [rows, vocab] with unit column stride."""
+    """As ``linear_cross_entropy.cross_entropy_grad_``, on a CUDA chunk: [rows, vocab] with unit column stride. A
+    label outside the vocabulary (and not ``ignore_index``) gives a NaN loss, where the eager version raises."""
     rows, vocab = logits.shape
     token_loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
     _cross_entropy_grad_rows[(rows,)](logits, logits.stride(0), labels, scale, token_loss, vocab, ignore_index,
