@@ -116,7 +116,8 @@ def fused_linear_causal_lm_loss(
     formed in forward, so nothing is recomputed. ``chunk_tokens``: tokens per chunk, by default as many as keep a
     chunk's logits no larger than the hidden states. ``overwrite_hidden_states``: their storage takes their gradient
     (one hidden-states-sized buffer less at the step's memory peak); only for a caller that reads them no more, and
-    autograd refuses the backward if anything saved them.
+    autograd refuses the backward if anything saved them. A label outside the vocabulary (not ``ignore_index``)
+    raises on the host and makes the loss NaN on a GPU.
     """
     if hidden_states.shape[:-1] != labels.shape:
         raise ValueError(f"hidden_states {tuple(hidden_states.shape)} and labels {tuple(labels.shape)} do not line up")
