@@ -196,7 +196,7 @@ class _Trainer:
         return self.weight_copy.masters_in_model() if self.weight_copy else contextlib.nullcontext()
 
     @property
-    def compute_dtype(self) -> torch.dtype:
+    def layer_dtype(self) -> torch.dtype:
         """The dtype the layers compute in (--dtype mixed: bfloat16 on a GPU)."""
         return compute_dtype(self.cfg.dtype, self.device) or param_dtype(self.cfg.dtype, self.device)
 
@@ -222,7 +222,7 @@ class _Trainer:
             f"world {self.world} = dp {self.dp} x sp {self.sp}, wp {cfg.wp}, device {self.device.type}, "
             f"attention {self.attention}{', decoder layers compiled' if self.compile else ''}"
             f"{', bfloat16 weight copy' if self.weight_copy else ''}"
-            f"{f', fused linear loss ({fused_loss_kernel(self.device, self.compute_dtype)})' if self.fused_loss else ''}"
+            f"{f', fused linear loss ({fused_loss_kernel(self.device, self.layer_dtype)})' if self.fused_loss else ''}"
             f"{f', loss in {cfg.loss_chunk}-token chunks' if cfg.loss_chunk else ''}"
             f"{''.join(', ' + lever for lever in self.levers.describe())}\n"
             f"data: {self.source}: {data.num_documents} documents, {data.num_tokens:,} tokens -> {len(data.rows)} rows "
@@ -235,7 +235,7 @@ class _Trainer:
     def attention_backend(self) -> str:
         """The varlen backend this run's attention calls take, and why faster ones were passed over."""
         try:
-            environment = inspect_environment(self.compute_dtype, self.family.head_dim(self.config), self.device)
+            environment = inspect_environment(self.layer_dtype, self.family.head_dim(self.config), self.device)
             return attention_summary(environment)
         except AttentionBackendError as exc:
             raise ConfigError(f"--attention-backend: {exc}") from None
