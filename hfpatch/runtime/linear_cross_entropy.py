@@ -10,11 +10,9 @@ memory peak.
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 
-TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # the kernel computes in float32
+from .kernel_choice import kernel_choice
 
 
 def cross_entropy_grad_(logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -33,9 +31,7 @@ def cross_entropy_grad_(logits: torch.Tensor, labels: torch.Tensor, scale: torch
 def fused_loss_kernel(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
     """What turns each chunk's logits into their gradient for ``dtype`` hidden states on ``device``: ``triton``
     (CUDA, float32 or narrower) or ``eager``."""
-    if torch.device(device).type == "cuda" and dtype in TRITON_DTYPES and importlib.util.find_spec("triton"):
-        return "triton"
-    return "eager"
+    return kernel_choice(device, dtype)
 
 
 def chunk_rows(tokens: int, hidden: int, vocab: int) -> int:
