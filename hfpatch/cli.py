@@ -206,7 +206,7 @@ def refresh(model, version, force):
               help="dtype of the attention call to explain")
 @click.option("--head-dim", type=click.IntRange(min=1), default=128, show_default=True, help="head dim of that call")
 def env(dtype, head_dim):
-    """Which attention backend a packed causal call runs here and why, and the fused loss."""
+    """Which attention backend a packed causal call runs here and why, and where hfpatch's own kernels run."""
     import torch
 
     from hfpatch.environment import inspect_environment
@@ -219,6 +219,7 @@ def env(dtype, head_dim):
         state = "runs here (auto picks it)" if row.chosen else ("can run" if row.problem is None else row.problem)
         click.echo(f"  {row.name:<13} {state}")
     click.echo(f"fused linear cross-entropy: {report.fused_loss}")
+    click.echo(f"SwiGLU MLP (compiled layers): {report.swiglu_mlp}")
 
 
 main.add_command(train)

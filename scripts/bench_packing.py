@@ -11,7 +11,10 @@ contender (equal real tokens per step), no optimizer:
                     fused, logits then cross entropy (hfpatch before it fused anything)
   hfpatch_liger     the patched model with liger's RMSNorm / SwiGLU / RoPE kernels and the fused loss
   hfpatch           the patched model as `hfpatch train` runs it on a GPU by default: decoder layers
-                    compiled whole (attention inside each one's graph) and hfpatch's fused linear loss
+                    compiled (attention inside the graph before the MLP), the SwiGLU MLP as hfpatch's own
+                    function between two graphs, and hfpatch's fused linear loss
+  hfpatch_inductor_mlp  the same with each layer compiled whole, the MLP by inductor (the default until
+                    2026-12-03h): what hfpatch's SwiGLU MLP is measured against
   gemm_only         not a model: the step's matmuls alone (every projection's forward and both backward GEMMs,
                     the output head whole), back to back: the floor of any contender's step on this card
 Documents: log-normal lengths, median 350 tokens, sigma 1.0, clipped to [16, 4096]; or (--source
@@ -46,7 +49,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100 / H200 SXM, the MFU denominator
-CONTENDERS = ("padded", "hf_padfree", "hf_padfree_liger", "hfpatch_eager", "hfpatch_liger", "hfpatch", "gemm_only")
+CONTENDERS = ("padded", "hf_padfree", "hf_padfree_liger", "hfpatch_eager", "hfpatch_liger", "hfpatch",
+              "hfpatch_inductor_mlp", "gemm_only")
 
 
 def lognormal_documents(n_tokens: int, vocab: int, seed: int) -> list[torch.Tensor]:
@@ -268,8 +272,8 @@ def build(name, cfg, state):
             defer_output_projection(model, "llama2")
         if name == "hfpatch_liger":
             apply_liger_to_patched(model)
-        if name == "hfpatch":
-            compile_decoder_layers(model)
+        if name in ("hfpatch", "hfpatch_inductor_mlp"):
+            compile_decoder_layers(model, fuse_mlp=name == "hfpatch")
         return model, lambda m, batch: step_hfpatch(m, batch, fused_loss=fused), context
     if name == "gemm_only":
         return GemmOnly(cfg, cfg.max_position_embeddings), step_gemm_only, contextlib.nullcontext()

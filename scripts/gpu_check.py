@@ -29,6 +29,7 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -156,6 +157,40 @@ def check_fused_loss(args, device) -> list[dict]:
              "passed": all(got[k] <= max(2 * bar[k], 1e-3) for k in names)},
             {"case": "fused_linear_cross_entropy_label_outside_vocab", "loss": float(bad_label),
              "passed": bool(torch.isnan(bad_label))}]
+
+
+def check_swiglu_mlp(args, device) -> list[dict]:
+    """runtime.swiglu_mlp (its Triton kernels) in bf16 vs the plain SwiGLU in float32; the plain one in bf16 sets the
+    bar. Its backward must also hold less at its peak than autograd over the plain one (h not kept, gradients in
+    place)."""
+    g = torch.Generator().manual_seed(5)
+    tokens, hidden, inter = 8192, 2048, 5632
+    x = torch.randn(tokens, hidden, generator=g).to(device)
+    weights = [(torch.randn(*shape, generator=g) * shape[1] ** -0.5).to(device)
+               for shape in ((inter, hidden), (inter, hidden), (hidden, inter))]
+    dout = torch.randn(tokens, hidden, generator=g).to(device)
+    plain = lambda x, wg, wu, wd: (F.silu(x @ wg.t()) * (x @ wu.t())) @ wd.t()  # noqa: E731
+
+    def run(fn, dtype):
+        inputs = [t.to(dtype).requires_grad_(True) for t in (x, *weights)]
+        out = fn(*inputs)
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        out.backward(dout.to(dtype))
+        held = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+        return [out.detach().float()] + [t.grad.float() for t in inputs], held
+
+    names = ("out", "d_x", "d_gate", "d_up", "d_down")
+    golden, _ = run(plain, torch.float32)
+    lowp, plain_mib = run(plain, args.dtype)
+    fused, fused_mib = run(rt.swiglu_mlp, args.dtype)
+    bar = {k: _rel(a, b) for k, a, b in zip(names, lowp, golden)}
+    got = {k: _rel(a, b) for k, a, b in zip(names, fused, golden)}
+    return [{"case": "swiglu_mlp", "kernel": rt.swiglu_kernel(device, args.dtype), "tokens": tokens,
+             "rel_err_vs_fp32": got, "plain_bf16_rel_err_vs_fp32": bar,
+             "backward_peak_mib": {"swiglu_mlp": fused_mib, "plain_autograd": plain_mib},
+             "passed": all(got[k] <= max(2 * bar[k], 1e-3) for k in names) and fused_mib < plain_mib}]
 
 
 def check_compiled_model(args, device) -> list[dict]:
@@ -286,7 +321,8 @@ def main(argv=None) -> int:
     if rank == 0:
         report["backends"] = [row for args.head_dim in args.head_dims for row in check_backends(args, device)]
         if device.type == "cuda" and world == 1:
-            report["training_path"] = check_fused_loss(args, device) + check_compiled_model(args, device)
+            report["training_path"] = (check_fused_loss(args, device) + check_swiglu_mlp(args, device)
+                                      + check_compiled_model(args, device))
     if world > 1:
         report["isp"] = check_isp(args, device)
         rt.destroy()

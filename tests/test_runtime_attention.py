@@ -277,6 +277,7 @@ def test_env_command_names_the_backend_and_why_the_others_were_passed_over():
     assert dict(table)["reference"] == "runs here (auto picks it)"  # no GPU here
     assert "not importable" in dict(table)["fa4"] or "CUDA" in dict(table)["fa4"]
     assert "fused linear cross-entropy: eager" in result.output
+    assert "SwiGLU MLP (compiled layers): eager" in result.output
 
 
 @pytest.mark.parametrize("heads, kv_heads, causal, window", [(4, 4, True, (-1, -1)), (4, 2, False, (-1, -1)),

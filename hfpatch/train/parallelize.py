@@ -8,11 +8,12 @@ import torch.distributed as dist
 import torch.utils.checkpoint
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy
 
-from hfpatch.runtime import apply_weight_parallel, find_decoder_layers
+from hfpatch.runtime import apply_weight_parallel, find_decoder_layers, swiglu_mlp
 
 from .weight_copy import WeightCopy
 
 COMPILED_PARTS = ("mlp", "norm")  # children compiled in a layer that is not compiled whole
+SWIGLU_PROJECTIONS = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))  # transformers' names, InternLM2's
 
 
 def _dense_decoder_layer(layer: torch.nn.Module) -> bool:
@@ -23,16 +24,18 @@ def _dense_decoder_layer(layer: torch.nn.Module) -> bool:
     return "self_attn" in children and "mlp" in children and not hasattr(children["mlp"], "experts")
 
 
-def compile_decoder_layers(model: torch.nn.Module) -> list[str]:
-    """torch.compile every decoder layer in place; returns what was compiled ("layer" or child names).
+def compile_decoder_layers(model: torch.nn.Module, fuse_mlp: bool = True) -> list[str]:
+    """torch.compile every decoder layer in place; returns what was compiled ("layer" or child names) or fused
+    ("swiglu mlp").
 
-    A dense decoder layer compiles whole (norms, RoPE, projections, SwiGLU, residual adds and casts
-    fuse), FA4 or the reference attention inside its one graph as an op (``runtime.attention_op``); under ISP,
-    or with another kernel, attention runs eagerly between two graphs. The pack comes from the layer call's
-    arguments, so a new pack every step costs no recompile. Only ``forward`` is compiled: the module's hooks
-    (FSDP2, checkpointing) stay outside and parameter names stay unchanged. Other layers compile their MLP and
-    norms. The norm after the last layer compiles too ("final norm"): eager, it keeps a float32 copy of the hidden
-    states for backward.
+    A dense decoder layer compiles whole (norms, RoPE, projections, residual adds and casts fuse), FA4 or the
+    reference attention inside its graph as an op (``runtime.attention_op``); under ISP, or with another kernel,
+    attention runs eagerly between two graphs. A SwiGLU MLP runs eagerly between two graphs as
+    ``runtime.swiglu_mlp``, which keeps less for backward than inductor would (``fuse_mlp=False``: inductor's).
+    The pack comes from the layer call's arguments, so a new pack every step costs no recompile. Only ``forward``
+    is compiled: the module's hooks (FSDP2, checkpointing) stay outside and parameter names stay unchanged. Other
+    layers compile their MLP and norms. The norm after the last layer compiles too ("final norm"): eager, it keeps
+    a float32 copy of the hidden states for backward.
     """
     compiled = []
     layers = find_decoder_layers(model)
@@ -41,6 +44,8 @@ def compile_decoder_layers(model: torch.nn.Module) -> list[str]:
         compiled.append("final norm")
     for layer in layers:
         if _dense_decoder_layer(layer):
+            if fuse_mlp and fuse_swiglu_mlp(layer.mlp):
+                compiled.append("swiglu mlp")
             layer.forward = torch.compile(layer.forward)
             compiled.append("layer")
             continue
@@ -49,6 +54,26 @@ def compile_decoder_layers(model: torch.nn.Module) -> list[str]:
                 part.compile()
                 compiled.append(name)
     return sorted(set(compiled))
+
+
+def fuse_swiglu_mlp(mlp: torch.nn.Module) -> bool:
+    """Run ``mlp`` through ``runtime.swiglu_mlp`` if it is a bias-free SiLU-gated MLP running its class's forward
+    (a tiled one keeps its own); returns whether it does."""
+    if "forward" in vars(mlp) or type(getattr(mlp, "act_fn", None)).__name__ not in ("SiLU", "SiLUActivation"):
+        return False
+    for names in SWIGLU_PROJECTIONS:
+        gate, up, down = (getattr(mlp, name, None) for name in names)
+        if all(isinstance(p, torch.nn.Linear) and p.bias is None for p in (gate, up, down)):
+            break
+    else:
+        return False
+
+    @torch.compiler.disable  # between the compiled layer's graphs: traced, inductor would keep h for backward
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return swiglu_mlp(x, gate.weight, up.weight, down.weight)  # weights looked up per call: FSDP2 swaps them
+
+    mlp.forward = forward
+    return True
 
 
 def _final_norms(model: torch.nn.Module, layers: list[torch.nn.Module]) -> list[torch.nn.Module]:
