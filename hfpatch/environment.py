@@ -58,7 +58,7 @@ def inspect_environment(dtype: torch.dtype = torch.bfloat16, head_dim: int = 128
         torch=torch.__version__, device=describe_device(device),
         packages={name: _version(name) for name in OPTIONAL_PACKAGES},
         backends=rows, fused_loss=runtime.fused_loss_kernel(device, dtype),
-        swiglu_mlp=runtime.swiglu_kernel(device, dtype),
+        swiglu_mlp=runtime.swiglu_mlp_kernel(device, dtype),
     )
 
 

@@ -49,7 +49,7 @@ from .packing import (
     pad_pack_to_multiple,
     shard_for_sequence_parallel,
 )
-from .swiglu import swiglu_kernel, swiglu_mlp
+from .swiglu import swiglu_mlp, swiglu_mlp_kernel
 from .weight_parallel import apply_weight_parallel, find_decoder_layers, weight_parallel_mesh
 
 __all__ = [
@@ -94,7 +94,7 @@ __all__ = [
     "scaled_init_method_normal",
     "set_packed_batch",
     "shard_for_sequence_parallel",
-    "swiglu_kernel",
+    "swiglu_mlp_kernel",
     "swiglu_mlp",
     "to_device",
     "validate_cu_seqlens",

@@ -31,7 +31,7 @@ def swiglu_backward_(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor) -
     up.copy_(grad_up)
 
 
-def swiglu_kernel(device: torch.device, dtype: torch.dtype) -> str:
+def swiglu_mlp_kernel(device: torch.device, dtype: torch.dtype) -> str:
     """What runs the elementwise halves for ``dtype`` on ``device``: ``triton`` (CUDA, float32 or narrower) or
     ``eager``."""
     return kernel_choice(device, dtype)
@@ -43,7 +43,7 @@ class SwiGLUMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gate_weight, up_weight, down_weight):
         forward_kernel = swiglu
-        if swiglu_kernel(x.device, x.dtype) == "triton":
+        if swiglu_mlp_kernel(x.device, x.dtype) == "triton":
             from .swiglu_kernel import swiglu as forward_kernel
         rows = x.reshape(-1, x.shape[-1])
         gate = torch.mm(rows, gate_weight.t())
@@ -61,7 +61,7 @@ class SwiGLUMLP(torch.autograd.Function):
         ctx.spent = True
         rows, gate, up, gate_weight, up_weight, down_weight = ctx.saved_tensors
         backward_kernel = swiglu_backward_
-        if swiglu_kernel(rows.device, rows.dtype) == "triton":
+        if swiglu_mlp_kernel(rows.device, rows.dtype) == "triton":
             from .swiglu_kernel import swiglu_backward_ as backward_kernel
         grad_out = grad_out.reshape(-1, grad_out.shape[-1])
         grad_h = torch.mm(grad_out, down_weight)

@@ -135,8 +135,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("model.checkpoint", False, (bool, int, float), "recompute activations in backward; a config value in "
             "[0, 1] checkpoints that fraction of the decoder layers, the first ones (as InternEvo)", name="activation_checkpointing",
             flag="--activation-checkpointing/--no-activation-checkpointing", minimum=0, maximum=1, default_help="off"),
-    Setting("model.compile", None, (bool,), "torch.compile each decoder layer (one graph, FA4 inside it; under "
-            "ISP attention runs eagerly between two; MoE and state-space layers: their MLP and norms)", flag="--compile/--no-compile",
+    Setting("model.compile", None, (bool,), "torch.compile each decoder layer (FA4 inside its graph, "
+            "under ISP eager between two; a SwiGLU MLP as hfpatch's own, between two; MoE and state-space layers: "
+            "their MLP and norms)", flag="--compile/--no-compile",
             default_help="auto: on a GPU, unless activations are offloaded or the MLP tiled"),
     Setting("model.fused_loss", None, (bool,), "fuse the output projection into the cross entropy: logits a chunk "
             "at a time (--loss-chunk sets its tokens), gradients formed in forward, no recompute",
