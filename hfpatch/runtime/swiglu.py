@@ -1,11 +1,11 @@
-"""A SwiGLU MLP, ``down(silu(x @ gate.T) * (x @ up.T))``, that keeps only the gate and up projections for backward.
+"""A SwiGLU MLP, ``down(silu(x @ gate.T) * (x @ up.T))``, that keeps its input, gate and up for backward, not h.
 
 The product ``h = silu(gate) * up`` is not kept: backward rebuilds it where the down projection's input gradient was
 (each element is read before it is overwritten), and writes the gate's and up's gradients over the saved gate and
 up. So backward allocates one intermediate-sized buffer (that input gradient), where autograd over the module, or
 inductor over a compiled layer, keeps ``h`` from forward and allocates the gradients anew: a third less of the
 MLP's memory held between forward and backward, and no new buffer at the step's memory peak (the last layer's MLP
-backward). On a GPU one Triton kernel does each elementwise half (``swiglu_kernel``); elsewhere PyTorch's own
+backward). On a GPU one Triton kernel does each elementwise half (``swiglu_kernel.py``); elsewhere PyTorch's own
 silu arithmetic, so float64 results equal the module's to rounding.
 """
 
