@@ -4,6 +4,7 @@ PyTorch, so float64 stays exact."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import torch
@@ -11,8 +12,13 @@ import torch
 TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
+@functools.cache
+def _triton_importable() -> bool:  # asked on every MLP and loss call: look once
+    return importlib.util.find_spec("triton") is not None
+
+
 def kernel_choice(device: torch.device, dtype: torch.dtype) -> str:
     """``triton`` or ``eager`` for ``dtype`` tensors on ``device``."""
-    if torch.device(device).type == "cuda" and dtype in TRITON_DTYPES and importlib.util.find_spec("triton"):
+    if torch.device(device).type == "cuda" and dtype in TRITON_DTYPES and _triton_importable():
         return "triton"
     return "eager"
