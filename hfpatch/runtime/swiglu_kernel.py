@@ -15,21 +15,25 @@ BLOCK = 4096  # elements a program: 16 per thread at 8 warps, two 16-byte loads 
 
 
 @triton.jit
-def _swiglu_forward(gate, up, out, numel, BLOCK: tl.constexpr):
+def _load_gate_up(gate, up, numel, BLOCK: tl.constexpr):
+    """This program's offsets, their mask, and gate and up there in float32."""
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offsets < numel
     g = tl.load(gate + offsets, mask=inside).to(tl.float32)
     u = tl.load(up + offsets, mask=inside).to(tl.float32)
+    return offsets, inside, g, u
+
+
+@triton.jit
+def _swiglu_forward(gate, up, out, numel, BLOCK: tl.constexpr):
+    offsets, inside, g, u = _load_gate_up(gate, up, numel, BLOCK)
     silu = g * tl.sigmoid(g)
     tl.store(out + offsets, (silu * u).to(out.dtype.element_ty), mask=inside)
 
 
 @triton.jit
 def _swiglu_backward(gate, up, grad, numel, BLOCK: tl.constexpr):
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inside = offsets < numel
-    g = tl.load(gate + offsets, mask=inside).to(tl.float32)
-    u = tl.load(up + offsets, mask=inside).to(tl.float32)
+    offsets, inside, g, u = _load_gate_up(gate, up, numel, BLOCK)
     d = tl.load(grad + offsets, mask=inside).to(tl.float32)
     sigmoid = tl.sigmoid(g)
     silu = g * sigmoid
